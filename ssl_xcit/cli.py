@@ -21,9 +21,6 @@ commands:
 
 
 def pretrain_command(argv: Sequence[str]) -> int:
-    from pytorch_lightning.utilities import rank_zero_only
-
-    from ssl_xcit.checkpointing import atomic_write_text
     from ssl_xcit.cli_config import config_name, dump_config, parse_pretrain_args
     from ssl_xcit.pretrain import run_pretraining
 
@@ -33,9 +30,7 @@ def pretrain_command(argv: Sequence[str]) -> int:
         print(resolved, end="")
         return 0
     run_dir = Path(cfg.run.dir or Path("runs") / config_name(namespace))
-    if rank_zero_only.rank == 0:
-        atomic_write_text(run_dir / "config.yaml", resolved)
-    last = run_pretraining(cfg, run_dir)
+    last = run_pretraining(cfg, run_dir, resolved)
     print(f"run folder: {run_dir}\nlast checkpoint: {last}")
     return 0
 

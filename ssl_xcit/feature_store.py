@@ -71,7 +71,9 @@ class FeatureStoreWriter:
             different ``num_rows``, ``dim`` or ``meta`` (unless ``overwrite``).
     """
 
-    def __init__(self, out_dir: str | os.PathLike, num_rows: int, dim: int, meta: dict[str, Any], overwrite: bool = False):
+    def __init__(
+        self, out_dir: str | os.PathLike, num_rows: int, dim: int, meta: dict[str, Any], overwrite: bool = False
+    ) -> None:
         if num_rows < 1 or dim < 1:
             raise FeatureError(f"feature store needs num_rows >= 1 and dim >= 1, got num_rows={num_rows}, dim={dim}")
         self.root = Path(out_dir)
@@ -99,29 +101,32 @@ class FeatureStoreWriter:
         if not (self.root / PROGRESS).exists() or overwrite:
             return None
         progress = json.loads((self.root / PROGRESS).read_text())
-        wanted = {"num_rows": self.num_rows, "dim": self.dim, "meta": self.meta}
-        diffs = [f"{key}: on disk {progress[key]!r}, requested {value!r}" for key, value in wanted.items() if progress[key] != value]
-        if diffs:
+        differ = {key: value for key, value in self._settings().items() if progress[key] != value}
+        if differ:
+            details = "; ".join(f"{key}: on disk {progress[key]!r}, requested {value!r}" for key, value in differ.items())
             raise FeatureError(
                 f"{self.root} holds a partial feature store written with different settings "
-                f"({'; '.join(diffs)}); pass overwrite=True to start over"
+                f"({details}); pass overwrite=True to start over"
             )
         return progress
 
     def _create(self) -> None:
         for name in (META, PROGRESS):
             (self.root / name).unlink(missing_ok=True)
-        self._features = np.lib.format.open_memmap(self.root / FEATURES, mode="w+", dtype=np.float32, shape=(self.num_rows, self.dim))
-        self._labels = np.lib.format.open_memmap(self.root / LABELS, mode="w+", dtype=np.int64, shape=(self.num_rows,))
+        shape = (self.num_rows, self.dim)
+        self._features = np.lib.format.open_memmap(self.root / FEATURES, mode="w+", dtype=np.float32, shape=shape)
+        self._labels = np.lib.format.open_memmap(self.root / LABELS, mode="w+", dtype=np.int64, shape=shape[:1])
         (self.root / PATHS).write_bytes(b"")
         self._rows_done, self._paths_bytes = 0, 0
         self._save_progress()
 
+    def _settings(self) -> dict[str, Any]:
+        """What a partial store must have been started with to be resumed by this writer."""
+        return {"num_rows": self.num_rows, "dim": self.dim, "meta": self.meta}
+
     def _save_progress(self) -> None:
-        _write_json_atomic(
-            self.root / PROGRESS,
-            {"num_rows": self.num_rows, "dim": self.dim, "meta": self.meta, "rows_done": self._rows_done, "paths_bytes": self._paths_bytes},
-        )
+        done = {"rows_done": self._rows_done, "paths_bytes": self._paths_bytes}
+        _write_json_atomic(self.root / PROGRESS, {**self._settings(), **done})
 
     def write(self, start_row: int, features: np.ndarray, labels: np.ndarray, paths: Sequence[str]) -> None:
         """Writes rows ``[start_row, start_row + n)`` and records them as done.
@@ -134,7 +139,9 @@ class FeatureStoreWriter:
         """
         n = len(features)
         if start_row != self._rows_done:
-            raise FeatureError(f"chunk starts at row {start_row} but the store has {self._rows_done} rows done; write chunks in order")
+            raise FeatureError(
+                f"chunk starts at row {start_row} but the store has {self._rows_done} rows done; write chunks in order"
+            )
         if np.shape(features) != (n, self.dim) or np.shape(labels) != (n,) or len(paths) != n:
             raise FeatureError(
                 f"chunk at row {start_row}: features {np.shape(features)}, labels {np.shape(labels)} and "
@@ -207,7 +214,9 @@ def load_feature_store(root: str | os.PathLike, check_finite: bool = True) -> Fe
         raise FeatureError(f"feature store folder {root} does not exist")
     if not (root / META).exists():
         done = json.loads((root / PROGRESS).read_text())["rows_done"] if (root / PROGRESS).exists() else "unknown"
-        raise FeatureError(f"feature store {root} is incomplete (no {META}; rows done: {done}); rerun the export to resume it")
+        raise FeatureError(
+            f"feature store {root} is incomplete (no {META}; rows done: {done}); rerun the export to resume it"
+        )
     for name in (FEATURES, LABELS, PATHS):
         if not (root / name).exists():
             raise FeatureError(f"feature store {root} has no {name}")
@@ -218,11 +227,13 @@ def load_feature_store(root: str | os.PathLike, check_finite: bool = True) -> Fe
         raise FeatureError(f"{root / FEATURES} must be float32 (N, D), got {features.dtype} {features.shape}")
     if labels.shape != (len(features),) or len(paths) != len(features):
         raise FeatureError(
-            f"feature store {root} disagrees with itself: features {features.shape}, labels {labels.shape}, {len(paths)} paths"
+            f"feature store {root} disagrees with itself: "
+            f"features {features.shape}, labels {labels.shape}, {len(paths)} paths"
         )
     if check_finite:
         validate_features(str(root / FEATURES), features)
-    return FeatureStore(root, features, labels.astype(np.int64, copy=False), paths, json.loads((root / META).read_text()))
+    meta = json.loads((root / META).read_text())
+    return FeatureStore(root, features, labels.astype(np.int64, copy=False), paths, meta)
 
 
 def check_compatible(a: FeatureStore, b: FeatureStore) -> None:
@@ -230,7 +241,9 @@ def check_compatible(a: FeatureStore, b: FeatureStore) -> None:
     if a.dim != b.dim:
         raise FeatureError(f"feature stores differ in dim: {a.root} has {a.dim}, {b.root} has {b.dim}")
     if a.meta.get("arch") != b.meta.get("arch"):
-        raise FeatureError(f"feature stores differ in arch: {a.root} has {a.meta.get('arch')!r}, {b.root} has {b.meta.get('arch')!r}")
+        raise FeatureError(
+            f"feature stores differ in arch: {a.root} has {a.meta.get('arch')!r}, {b.root} has {b.meta.get('arch')!r}"
+        )
 
 
 def first_nonfinite_row(features: np.ndarray) -> int | None:
@@ -258,12 +271,19 @@ def validate_labelled(name: str, features: np.ndarray, labels: np.ndarray) -> No
     if labels.shape != (len(features),):
         raise FeatureError(f"{name} labels have shape {labels.shape} but there are {len(features)} {name} features")
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-        raise FeatureError(f"{name} labels must be integer class indices >= 0, got dtype {labels.dtype}, min {labels.min()}")
+        raise FeatureError(
+            f"{name} labels must be integer class indices >= 0, got dtype {labels.dtype}, min {labels.min()}"
+        )
 
 
-def validate_train_test(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray, test_labels: np.ndarray) -> None:
+def validate_train_test(
+    train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray, test_labels: np.ndarray
+) -> None:
     """Raises unless both splits are valid and share the feature dimension."""
     validate_labelled("train", train_features, train_labels)
     validate_labelled("test", test_features, test_labels)
     if train_features.shape[1] != test_features.shape[1]:
-        raise FeatureError(f"feature dims differ: train features have dim {train_features.shape[1]}, test features have dim {test_features.shape[1]}")
+        raise FeatureError(
+            f"feature dims differ: train features have dim {train_features.shape[1]}, "
+            f"test features have dim {test_features.shape[1]}"
+        )

@@ -64,8 +64,20 @@ def _sgd_step(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, lr: to
     param.sub_(lr * buf)
 
 
+def head_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(H, N, C) logits of every head for (N, D) features, from (H, D, C) weights and (H, C) biases."""
+    return x @ weight + bias[:, None, :]
+
+
 def train_heads(
-    x: torch.Tensor, y: torch.Tensor, lrs: torch.Tensor, wds: torch.Tensor, num_classes: int, epochs: int, batch_size: int, seed: int
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lrs: torch.Tensor,
+    wds: torch.Tensor,
+    num_classes: int,
+    epochs: int,
+    batch_size: int,
+    seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Trains H linear heads from zero on the same minibatches, each with its own lr and wd.
 
@@ -90,7 +102,7 @@ def train_heads(
     for epoch in range(epochs):
         lr = lrs * cosine(epoch, epochs, 1.0, 0.0)  # (H,)
         for rows in torch.randperm(n, generator=generator).to(x.device).split(batch_size):
-            logits = x[rows] @ weight + bias[:, None, :]  # (H, B, C)
+            logits = head_logits(x[rows], weight, bias)  # (H, B, C)
             # Summing the heads' mean losses gives each head exactly its own gradient.
             loss = F.cross_entropy(logits.reshape(-1, num_classes), y[rows].repeat(h), reduction="sum") / len(rows)
             grad_w, grad_b = torch.autograd.grad(loss, (weight, bias))
@@ -100,14 +112,10 @@ def train_heads(
     return weight.detach(), bias.detach()
 
 
-def head_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """(H, N, C) logits of every head for (N, D) features, from (H, D, C) weights and (H, C) biases."""
-    return x @ weight + bias[:, None, :]
-
-
 def top1_per_head(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> np.ndarray:
     """(H,) top-1 accuracy in percent of every head; ties go to the lower class index."""
-    correct = sum((head_logits(xb, weight, bias).argmax(-1) == yb).sum(-1) for xb, yb in zip(x.split(_EVAL_BATCH), y.split(_EVAL_BATCH)))
+    chunks = zip(x.split(_EVAL_BATCH), y.split(_EVAL_BATCH))
+    correct = sum((head_logits(xb, weight, bias).argmax(-1) == yb).sum(-1) for xb, yb in chunks)  # (H,)
     return (100.0 * correct.double() / len(y)).cpu().numpy()
 
 
@@ -157,13 +165,14 @@ def linear_probe(
             f"batch_size={batch_size}, lrs={list(lrs)}, weight_decays={list(weight_decays)}"
         )
     num_classes = int(train_labels.max()) + 1 if num_classes is None else num_classes
-    if max(train_labels.max(), test_labels.max()) >= num_classes:
-        raise FeatureError(f"labels go up to {max(train_labels.max(), test_labels.max())}, out of range for num_classes={num_classes}")
+    max_label = int(max(train_labels.max(), test_labels.max()))
+    if max_label >= num_classes:
+        raise FeatureError(f"label {max_label} is out of range for num_classes={num_classes}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     x = torch.from_numpy(l2_normalize(train_features)).to(dev)
     y = torch.from_numpy(train_labels.astype(np.int64)).to(dev)
     fit_idx, val_idx = (torch.from_numpy(i).to(dev) for i in stratified_split(train_labels, val_fraction, seed))
-    grid = [(lr, wd) for lr in lrs for wd in weight_decays]
+    grid = [(float(lr), float(wd)) for lr in lrs for wd in weight_decays]
     lr_t, wd_t = (torch.tensor(v, dtype=torch.float32, device=dev) for v in zip(*grid))
     weight, bias = train_heads(x[fit_idx], y[fit_idx], lr_t, wd_t, num_classes, epochs, batch_size, seed)
     val_top1 = top1_per_head(x[val_idx], y[val_idx], weight, bias)

@@ -9,9 +9,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
-from ssl_xcit.checkpointing import LAST, AtomicCheckpointIO, LastCheckpoint, last_checkpoint
+from ssl_xcit.checkpointing import LAST, AtomicCheckpointIO, LastCheckpoint, atomic_write_text, last_checkpoint
 from ssl_xcit.config import PretrainConfig
 from ssl_xcit.data import PretrainDataModule
 from ssl_xcit.errors import UserError
@@ -78,7 +78,7 @@ def build_trainer(cfg: PretrainConfig, run_dir: Path, extra_callbacks: Optional[
         use_distributed_sampler=False,  # ours is distributed and resumable mid-epoch
         callbacks=list(extra_callbacks or []) + checkpoint_callbacks(cfg, run_dir / "checkpoints"),  # stoppers act before the save
         logger=[
-            CSVLogger(run_dir, name="logs", version=""),
+            CSVLogger(run_dir, name="logs"),  # version_N per (re)start: never overwrites a segment
             TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False),
         ],
         plugins=[AtomicCheckpointIO()],
@@ -96,13 +96,24 @@ def resume_checkpoint(cfg: PretrainConfig, run_dir: Path) -> Optional[Path]:
     return last
 
 
-def run_pretraining(cfg: PretrainConfig, run_dir: Path, extra_callbacks: Optional[list[Any]] = None) -> Path:
-    """Train (or continue training) into ``run_dir``; returns the final ``last.ckpt``."""
+def run_pretraining(
+    cfg: PretrainConfig,
+    run_dir: Path,
+    resolved_config: Optional[str] = None,
+    extra_callbacks: Optional[list[Any]] = None,
+) -> Path:
+    """Train (or continue training) into ``run_dir``; returns the final ``last.ckpt``.
+
+    Data and model are validated before anything is written; ``resolved_config`` (YAML)
+    is then saved as ``run_dir/config.yaml``.
+    """
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     ckpt_path = resume_checkpoint(cfg, run_dir)
     datamodule = PretrainDataModule(cfg.data, cfg.augment, cfg.trainer.seed)
     datamodule.setup("fit")  # fail on a bad data path before the model is built
     module = DINOModule(cfg)
+    if resolved_config is not None and rank_zero_only.rank == 0:
+        atomic_write_text(run_dir / "config.yaml", resolved_config)
     trainer = build_trainer(cfg, run_dir, extra_callbacks)
     if ckpt_path is not None:
         rank_zero_info(f"resuming from {ckpt_path}")

@@ -61,10 +61,11 @@ def extract_archive(archive: Path, cache_dir: Path) -> Path:
 
 
 def _descend_single_folders(root: Path) -> Path:
-    """Skip wrapper folders: an archive often holds one top folder around the data."""
+    """Skip wrapper folders (an archive often holds one top folder around the data), but
+    never into a class folder: a wrapper holds exactly one folder, which holds folders."""
     while True:
         children = [c for c in root.iterdir() if not c.name.startswith(".")]
-        if len(children) == 1 and children[0].is_dir():
+        if len(children) == 1 and children[0].is_dir() and any(c.is_dir() for c in children[0].iterdir()):
             root = children[0]
         else:
             return root

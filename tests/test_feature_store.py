@@ -7,13 +7,20 @@ import ssl_xcit.feature_store as fs
 from ssl_xcit.feature_store import FeatureError, FeatureStoreWriter, check_compatible, load_feature_store
 
 N, D, CHUNK = 10, 6, 4
-META = {"checkpoint": "run/last.ckpt", "arch": "xcit_nano_12_p16", "dim": D, "normalized": True, "class_names": ["a", "b"]}
+META = {
+    "checkpoint": "run/last.ckpt",
+    "arch": "xcit_nano_12_p16",
+    "dim": D,
+    "normalized": True,
+    "class_names": ["a", "b"],
+}
 FILES = ("features.npy", "labels.npy", "paths.txt", "meta.json")
 
 
 def _data():
     rng = np.random.default_rng(0)
-    return rng.normal(size=(N, D)).astype(np.float32), rng.integers(0, 2, size=N), [f"img/{i:03d}.jpg" for i in range(N)]
+    paths = [f"img/{i:03d}.jpg" for i in range(N)]
+    return rng.normal(size=(N, D)).astype(np.float32), rng.integers(0, 2, size=N), paths
 
 
 def _write_all(writer, features, labels, paths, start=0):

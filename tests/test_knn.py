@@ -130,7 +130,8 @@ def test_format_table_lists_every_k():
 
 def _good():
     rng = np.random.default_rng(2)
-    return rng.normal(size=(20, 4)).astype(np.float32), np.arange(20) % 3, rng.normal(size=(6, 4)).astype(np.float32), np.arange(6) % 3
+    train, test = rng.normal(size=(20, 4)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32)
+    return train, np.arange(20) % 3, test, np.arange(6) % 3
 
 
 def _nan_in_test_row(args):

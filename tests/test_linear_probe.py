@@ -40,9 +40,8 @@ def test_head_is_chosen_without_the_test_split():
     train_x, train_y, test_x, test_y = _split(10, spread=2.0)
     honest = linear_probe(train_x, train_y, test_x, test_y, epochs=5, batch_size=64, **GRID)
     rng = np.random.default_rng(1)
-    garbage = linear_probe(
-        train_x, train_y, rng.normal(size=test_x.shape).astype(np.float32), rng.permutation(test_y), epochs=5, batch_size=64, **GRID
-    )
+    noise_x = rng.normal(size=test_x.shape).astype(np.float32)
+    garbage = linear_probe(train_x, train_y, noise_x, rng.permutation(test_y), epochs=5, batch_size=64, **GRID)
     assert len({g["val_top1"] for g in honest["grid"]}) > 1
     for key in ("grid", "best_lr", "best_weight_decay", "best_val_top1"):
         assert honest[key] == garbage[key], key
@@ -57,7 +56,8 @@ def test_batched_heads_equal_separate_torch_sgd_runs():
     weight, bias = train_heads(x, y, torch.tensor(lrs), torch.tensor(wds), 4, epochs, batch, seed=7)
     for h, (lr, wd) in enumerate(zip(lrs, wds)):
         w, b = torch.zeros(8, 4, requires_grad=True), torch.zeros(4, requires_grad=True)
-        opt = torch.optim.SGD([{"params": [w], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}], lr=lr, momentum=0.9)
+        groups = [{"params": [w], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}]
+        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9)
         generator = torch.Generator().manual_seed(7)
         for epoch in range(epochs):
             for group in opt.param_groups:
@@ -90,7 +90,7 @@ def test_top5_only_with_at_least_five_classes():
     [
         ({"val_fraction": 0.0}, "val_fraction must be in (0, 1)"),
         ({"epochs": 0}, "epochs=0"),
-        ({"num_classes": 3}, "out of range for num_classes=3"),
+        ({"num_classes": 3}, "label 3 is out of range for num_classes=3"),
     ],
 )
 def test_bad_settings_raise(kwargs, message):
