@@ -75,7 +75,7 @@ class DINOModule(pl.LightningModule):
 
     def build_schedules(self) -> DinoSchedules:
         """Schedules in optimizer steps over the whole run (max_steps, else max_epochs)."""
-        per_epoch = self.trainer.datamodule.sampler.batches_per_epoch
+        per_epoch = int(self.trainer.num_training_batches)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else per_epoch * self.trainer.max_epochs
         o, d = self.cfg.optim, self.cfg.dino
         return DinoSchedules(

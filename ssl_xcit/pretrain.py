@@ -38,10 +38,17 @@ def precision(cfg: PretrainConfig) -> str:
 
 
 def sync_batchnorm(cfg: PretrainConfig) -> bool:
-    """SyncBatchNorm whenever several GPUs train together (XCiT has BatchNorm)."""
+    """SyncBatchNorm whenever several GPUs train together (XCiT has BatchNorm).
+
+    torch implements SyncBatchNorm for GPUs only: on CPU each process normalises its own
+    batch, and asking for it is refused.
+    """
+    gpu = uses_gpu(cfg.trainer.accelerator)
+    if cfg.trainer.sync_batchnorm and not gpu:
+        raise UserError("trainer.sync_batchnorm: SyncBatchNorm needs GPUs; on CPU leave it unset or false")
     if cfg.trainer.sync_batchnorm is not None:
         return cfg.trainer.sync_batchnorm
-    return uses_gpu(cfg.trainer.accelerator) and world_size(cfg) > 1
+    return gpu and world_size(cfg) > 1
 
 
 def checkpoint_callbacks(cfg: PretrainConfig, checkpoint_dir: Path) -> list[Callback]:
