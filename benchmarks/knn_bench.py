@@ -84,6 +84,11 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs after the warm-up")
     args = parser.parse_args()
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda, but torch sees no CUDA device")
 
     results = {backend: _in_fresh_process(backend, args) for backend in ("faiss", "torch")}
     faiss_r, torch_r = results["faiss"], results["torch"]

@@ -1,0 +1,130 @@
+"""Training throughput of DINO pretraining: samples/s, peak memory and (on GPU) model FLOPs utilisation.
+
+Runs the real LightningModule under a real Trainer. By default the crops are random tensors
+made once, so the figure is the model's (teacher forward, student forward and backward,
+AdamW, EMA); ``--with-data`` feeds it the full multi-crop augmentation pipeline instead.
+
+    python benchmarks/train_throughput.py --arch xcit_nano_12_p16_224 --batch 16 --device cpu
+    python benchmarks/train_throughput.py --arch xcit_small_12_p16_224 --batch 128 --device cuda --precision bf16-mixed --peak-tflops 989
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import time
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from ssl_xcit.config import AugmentConfig, DataConfig, ModelConfig, PretrainConfig, TrainerConfig
+from ssl_xcit.data import PretrainDataModule
+from ssl_xcit.module import DINOModule
+
+
+class FixedCrops(Dataset):
+    """The same random multi-crop sample, ``length`` times (no decoding, no augmentation)."""
+
+    def __init__(self, length: int, global_size: int, local_size: int, n_local: int) -> None:
+        self.length = length
+        self.crops = [torch.randn(3, global_size, global_size)] * 2 + [torch.randn(3, local_size, local_size)] * n_local
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> list[torch.Tensor]:
+        return self.crops
+
+
+class StepTimer(pl.Callback):
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.end, self.steps = warmup, 0.0, 0.0, 0
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup:
+            self._sync()
+            self.start = time.perf_counter()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step > self.warmup:
+            self._sync()
+            self.end, self.steps = time.perf_counter(), trainer.global_step - self.warmup
+
+
+def step_flops(module: DINOModule, crops: list[torch.Tensor]) -> int:
+    """FLOPs of one training step: teacher forward on the 2 global crops, student forward + backward on all."""
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            module.teacher(crops[:2])
+        module.student(crops).float().sum().backward()
+    module.student.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="xcit_nano_12_p16_224")
+    p.add_argument("--global-crops-size", type=int, default=224)
+    p.add_argument("--local-crops-size", type=int, default=96)
+    p.add_argument("--local-crops-number", type=int, default=8)
+    p.add_argument("--out-dim", type=int, default=65536)
+    p.add_argument("--batch", type=int, default=16, help="per-device batch size")
+    p.add_argument("--precision", default=None, help="32-true, bf16-mixed ... (default: bf16-mixed on GPU, 32-true on CPU)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
+    p.add_argument("--with-data", action="store_true", help="include JPEG-free synthetic images through the full augmentation")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense TFLOP/s, for MFU")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = PretrainConfig(
+        model=ModelConfig(arch=args.arch, out_dim=args.out_dim),
+        data=DataConfig(path="synthetic", batch_size_per_device=args.batch, num_workers=args.workers,
+                        synthetic_size=args.batch * (args.steps + args.warmup + 1)),
+        augment=AugmentConfig(global_crops_size=args.global_crops_size, local_crops_size=args.local_crops_size,
+                              local_crops_number=args.local_crops_number),
+        trainer=TrainerConfig(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision=args.precision),
+    )
+    module = DINOModule(cfg)
+    sample = FixedCrops(1, args.global_crops_size, args.local_crops_size, args.local_crops_number)[0]
+    flops = step_flops(module, [c.unsqueeze(0).repeat(args.batch, 1, 1, 1) for c in sample])
+    timer = StepTimer(args.warmup)
+    precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
+    trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=precision,
+                         max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+    if args.with_data:
+        trainer.fit(module, datamodule=PretrainDataModule(cfg.data, cfg.augment))
+    else:
+        data = FixedCrops(args.batch * (args.steps + args.warmup + 1), args.global_crops_size,
+                          args.local_crops_size, args.local_crops_number)
+        trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=args.batch, drop_last=True))
+    seconds = timer.end - timer.start
+    rate = timer.steps * args.batch / seconds
+    print(f"arch {args.arch}  crops 2x{args.global_crops_size}+{args.local_crops_number}x{args.local_crops_size}  "
+          f"batch {args.batch}  precision {precision}  device {args.device}  data {'augmented' if args.with_data else 'fixed tensors'}")
+    print(f"samples/s        {rate:10.2f}   ({timer.steps} steps in {seconds:.2f} s)")
+    print(f"step FLOPs       {flops / 1e12:10.3f} TFLOP  ({flops / args.batch / 1e9:.1f} GFLOP per image)")
+    print(f"achieved         {flops * timer.steps / seconds / 1e12:10.3f} TFLOP/s")
+    if args.peak_tflops:
+        print(f"MFU              {flops * timer.steps / seconds / 1e12 / args.peak_tflops:10.1%}   (of {args.peak_tflops} TFLOP/s peak)")
+    if args.device == "cuda":
+        print(f"peak GPU memory  {torch.cuda.max_memory_allocated() / 2**30:10.2f} GiB")
+    print(f"peak host RSS    {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:10.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
