@@ -13,6 +13,7 @@ USAGE = """usage: ssl-xcit COMMAND [options]
 commands:
   pretrain   DINO pretraining of an XCiT (--config configs/X.yaml [--section.key value ...])
   export     frozen features of a backbone over a labelled dataset
+  export-backbone  the backbone as safetensors for timm.create_model
   knn        weighted k-NN classification on feature stores
   linear     linear probe on feature stores
   submit     pretraining on a SLURM cluster through submitit
@@ -36,7 +37,15 @@ def pretrain_command(argv: Sequence[str]) -> int:
 
 
 def commands() -> dict[str, Callable[[Sequence[str]], int]]:
-    return {"pretrain": pretrain_command}
+    from ssl_xcit import eval_cli
+
+    return {
+        "pretrain": pretrain_command,
+        "export": eval_cli.export_command,
+        "export-backbone": eval_cli.export_backbone_command,
+        "knn": eval_cli.knn_command,
+        "linear": eval_cli.linear_command,
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

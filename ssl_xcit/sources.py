@@ -71,8 +71,13 @@ def _descend_single_folders(root: Path) -> Path:
             return root
 
 
-def resolve_image_folder(path: str, split: Optional[str], cache_dir: str) -> Path:
-    """The ImageFolder root that ``path`` (a folder or archive) and ``split`` designate."""
+def resolve_image_folder(
+    path: str, split: Optional[str], cache_dir: str, default_splits: tuple[str, ...] = ("train",)
+) -> Path:
+    """The ImageFolder root that ``path`` (a folder or archive) and ``split`` designate.
+
+    With no ``split``, the first of ``default_splits`` present is used, else the folder itself.
+    """
     source = Path(path).expanduser()
     if not source.exists():
         raise UserError(f"data.path: {path} does not exist")
@@ -86,7 +91,10 @@ def resolve_image_folder(path: str, split: Optional[str], cache_dir: str) -> Pat
             found = sorted(c.name for c in root.iterdir() if c.is_dir())
             raise UserError(f"data.split: no folder '{split}' in {root} (found: {', '.join(found) or 'nothing'})")
         return root / split
-    return root / "train" if (root / "train").is_dir() else root
+    for name in default_splits:
+        if (root / name).is_dir():
+            return root / name
+    return root
 
 
 class ImageFolderSource(datasets.ImageFolder):
@@ -139,17 +147,37 @@ def build_source(
     seed: int = 0,
     synthetic_size: int = 2048,
     synthetic_resolution: int = 256,
+    default_splits: tuple[str, ...] = ("train",),
 ) -> Any:
-    """The labelled dataset ``path`` names, optionally cut to a fixed random subset."""
+    """The labelled dataset ``path`` names, optionally cut to a fixed random subset.
+
+    ``default_splits`` are tried in order when no ``split`` is given (("val", "test") for
+    evaluation sets).
+    """
     if not path:
         raise UserError("data.path is required (an ImageFolder directory, a .tar.gz of one, cifar10 or synthetic)")
     if path == "synthetic":
         source: Any = SyntheticSource(synthetic_size, synthetic_resolution)
     elif path == "cifar10":
-        source = _cifar10(cache_dir, train=(split or "train") == "train")
+        source = _cifar10(cache_dir, train=(split or default_splits[0]) == "train")
     else:
-        source = ImageFolderSource(resolve_image_folder(path, split, cache_dir))
+        source = ImageFolderSource(resolve_image_folder(path, split, cache_dir, default_splits))
     if max_images is not None and max_images < len(source):
         keep = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:max_images]
         source = Subset(source, sorted(keep.tolist()))
     return source
+
+
+def describe(source: Any) -> tuple[list[str], list[int], list[str]]:
+    """(paths, labels, class names) of a source, without decoding any image."""
+    if isinstance(source, Subset):
+        paths, labels, classes = describe(source.dataset)
+        return [paths[i] for i in source.indices], [labels[i] for i in source.indices], classes
+    if isinstance(source, datasets.ImageFolder):
+        return [p for p, _ in source.samples], list(source.targets), list(source.classes)
+    if isinstance(source, SyntheticSource):
+        return source.paths, [i % source.num_classes for i in range(len(source))], source.classes
+    if isinstance(source, datasets.CIFAR10):
+        split = "train" if source.train else "test"
+        return [f"cifar10/{split}/{i}" for i in range(len(source))], list(source.targets), list(source.classes)
+    raise TypeError(f"unknown source type {type(source).__name__}")
