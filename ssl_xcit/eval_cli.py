@@ -107,10 +107,13 @@ def _add_store_inputs(p: ArgumentParser) -> None:
     p.add_argument("--out", type=Optional[str], default=None, help="write the JSON report here")
 
 
-def _store_key(args: Namespace, data: str, split: Optional[str], max_images: Optional[int]) -> str:
+def _store_key(args: Namespace, data: str, split: Optional[str], max_images: Optional[int],
+               default_splits: tuple[str, ...]) -> str:
+    """A name for the store of these features; ``default_splits`` tells train from test
+    when both come from one dataset with no explicit split."""
     ckpt = Path(args.checkpoint)
-    stamp = f"{ckpt.resolve()}:{ckpt.stat().st_mtime_ns}:{args.which}:{args.arch}:{data}:{split}:{max_images}:" \
-            f"{args.resize}:{args.crop}:{args.variant}"
+    stamp = f"{ckpt.resolve()}:{ckpt.stat().st_mtime_ns}:{args.which}:{args.arch}:{data}:{split}:{default_splits}:" \
+            f"{max_images}:{args.resize}:{args.crop}:{args.variant}"
     return hashlib.sha1(stamp.encode()).hexdigest()[:16]
 
 
@@ -130,7 +133,7 @@ def _stores(args: Namespace) -> tuple[FeatureStore, FeatureStore]:
         splits = [(args.train_data, args.train_split, args.max_train_images, ("train",)),
                   (test_data, args.test_split, args.max_test_images, ("val", "test"))]
         train, test = (
-            _load_or_export(args, data, split, limit, root / _store_key(args, data, split, limit), defaults)
+            _load_or_export(args, data, split, limit, root / _store_key(args, data, split, limit, defaults), defaults)
             for data, split, limit, defaults in splits
         )
     check_compatible(train, test)

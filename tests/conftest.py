@@ -72,3 +72,15 @@ def tiny_pretrain_args(data_path: str, run_dir: Path, **overrides: str) -> list[
     }
     args.update({k.replace("__", "."): v for k, v in overrides.items()})
     return [token for key, value in args.items() for token in (f"--{key}", value)]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real last.ckpt of a few pretraining steps of the tiny model on synthetic images."""
+    from ssl_xcit.cli_config import parse_pretrain_args
+    from ssl_xcit.pretrain import run_pretraining
+
+    run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
+    args = tiny_pretrain_args("synthetic", run_dir, data__synthetic_size="16", data__synthetic_resolution="40",
+                              trainer__max_epochs="1")
+    return run_pretraining(parse_pretrain_args(args)[0], run_dir)

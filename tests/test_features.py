@@ -1,0 +1,90 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ssl_xcit.backbone_io import load_backbone
+from ssl_xcit.cli import main
+from ssl_xcit.feature_store import FeatureStoreWriter, load_feature_store
+from ssl_xcit.features import eval_transform, export_features
+from ssl_xcit.sources import build_source
+
+
+def test_export_then_knn_and_linear_on_real_images(cifar_slice, tiny_checkpoint, tmp_path, capsys):
+    common = ["--checkpoint", str(tiny_checkpoint), "--data", str(cifar_slice), "--resize", "32", "--crop", "32",
+              "--batch-size", "64", "--num-workers", "0", "--progress", "false"]
+    assert main(["export", *common, "--split", "train", "--out", str(tmp_path / "train")]) == 0
+    assert main(["export", *common, "--split", "test", "--out", str(tmp_path / "test")]) == 0
+    train = load_feature_store(tmp_path / "train")
+    assert train.features.shape == (300, 128) and train.features.dtype == np.float32
+    assert train.meta["arch"] == "xcit_nano_12_p8_224" and len(train.meta["class_names"]) == 10
+    assert len(train.paths) == 300 and train.paths[0].endswith(".jpg")
+
+    # the stored feature of an image is the teacher's CLS embedding of its evaluation crop
+    loaded = load_backbone(tiny_checkpoint)
+    image, label = build_source(train.paths[5].rsplit("/", 2)[0], None, "/unused")[0]
+    with torch.no_grad():
+        direct = loaded.model(eval_transform(32, 32, loaded.mean, loaded.std)(image).unsqueeze(0))[0].numpy()
+    assert np.allclose(train.features[0], direct, atol=1e-5) and train.labels[0] == label
+
+    report = tmp_path / "knn.json"
+    assert main(["knn", "--train", str(tmp_path / "train"), "--test", str(tmp_path / "test"),
+                 "--k", "10", "20", "--out", str(report)]) == 0
+    results = json.loads(report.read_text())["results"]
+    assert [r["k"] for r in results] == [10, 20] and all(0 <= r["top1"] <= 100 for r in results)
+    assert main(["linear", "--train", str(tmp_path / "train"), "--test", str(tmp_path / "test"),
+                 "--epochs", "5", "--out", str(tmp_path / "linear.json")]) == 0
+    assert "test top1" in capsys.readouterr().out
+
+
+def test_knn_exports_on_the_fly_and_reuses_the_stores(cifar_slice, tiny_checkpoint, tmp_path, capsys):
+    args = ["knn", "--checkpoint", str(tiny_checkpoint), "--train-data", str(cifar_slice), "--resize", "32",
+            "--crop", "32", "--num-workers", "0", "--progress", "false", "--features-dir", str(tmp_path), "--k", "5"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    stores = sorted(p.name for p in tmp_path.iterdir())
+    assert len(stores) == 2
+    assert main(args) == 0
+    assert capsys.readouterr().out == first and sorted(p.name for p in tmp_path.iterdir()) == stores
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resumed_export_equals_uninterrupted(cifar_slice, tiny_checkpoint, tmp_path, monkeypatch):
+    loaded = load_backbone(tiny_checkpoint)
+    source = build_source(str(cifar_slice), "test", "/unused")
+    kwargs = dict(resize=32, crop=32, batch_size=16, num_workers=0, progress=False)
+    export_features(loaded, source, tmp_path / "whole", **kwargs)
+
+    real_write, calls = FeatureStoreWriter.write, {"n": 0}
+
+    def write_then_die(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Interrupt
+        real_write(self, *args, **kw)
+
+    monkeypatch.setattr(FeatureStoreWriter, "write", write_then_die)
+    with pytest.raises(Interrupt):
+        export_features(loaded, source, tmp_path / "resumed", **kwargs)
+    monkeypatch.setattr(FeatureStoreWriter, "write", real_write)
+    export_features(loaded, source, tmp_path / "resumed", **kwargs)
+    for name in ("features.npy", "labels.npy", "paths.txt", "meta.json"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+
+
+def test_cls_plus_avgpool_doubles_the_dimension(cifar_slice, tiny_checkpoint, tmp_path):
+    source = build_source(str(cifar_slice), "test", "/unused", max_images=8)
+    export_features(load_backbone(tiny_checkpoint), source, tmp_path, resize=32, crop=32, variant="cls+avgpool",
+                    num_workers=0, progress=False)
+    assert load_feature_store(tmp_path).features.shape == (8, 256)
+
+
+def test_knn_errors_are_one_line(tmp_path, capsys):
+    assert main(["knn", "--train", str(tmp_path / "a")]) == 2
+    assert "--train and --test go together" in capsys.readouterr().err
+    assert main(["knn", "--train", str(tmp_path / "a"), "--test", str(tmp_path / "b")]) == 2
+    assert str(tmp_path / "a") in capsys.readouterr().err
