@@ -15,6 +15,7 @@ from ssl_xcit.checkpointing import LAST, AtomicCheckpointIO, LastCheckpoint, ato
 from ssl_xcit.config import PretrainConfig
 from ssl_xcit.data import PretrainDataModule
 from ssl_xcit.errors import UserError
+from ssl_xcit.knn_monitor import monitor_callbacks
 from ssl_xcit.module import DINOModule
 
 
@@ -119,9 +120,10 @@ def run_pretraining(
     datamodule = PretrainDataModule(cfg.data, cfg.augment, cfg.trainer.seed)
     datamodule.setup("fit")  # fail on a bad data path before the model is built
     module = DINOModule(cfg)
+    callbacks = monitor_callbacks(cfg) + list(extra_callbacks or [])
     if resolved_config is not None and rank_zero_only.rank == 0:
         atomic_write_text(run_dir / "config.yaml", resolved_config)
-    trainer = build_trainer(cfg, run_dir, extra_callbacks)
+    trainer = build_trainer(cfg, run_dir, callbacks)
     if ckpt_path is not None:
         rank_zero_info(f"resuming from {ckpt_path}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
