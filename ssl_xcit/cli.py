@@ -37,7 +37,7 @@ def pretrain_command(argv: Sequence[str]) -> int:
 
 
 def commands() -> dict[str, Callable[[Sequence[str]], int]]:
-    from ssl_xcit import eval_cli
+    from ssl_xcit import eval_cli, submit_cli
 
     return {
         "pretrain": pretrain_command,
@@ -45,6 +45,7 @@ def commands() -> dict[str, Callable[[Sequence[str]], int]]:
         "export-backbone": eval_cli.export_backbone_command,
         "knn": eval_cli.knn_command,
         "linear": eval_cli.linear_command,
+        "submit": submit_cli.submit_command,
     }
 
 

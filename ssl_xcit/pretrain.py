@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytorch_lightning as pl
+from lightning_fabric.plugins.environments import ClusterEnvironment
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -69,7 +70,13 @@ def checkpoint_callbacks(cfg: PretrainConfig, checkpoint_dir: Path) -> list[Call
     return callbacks
 
 
-def build_trainer(cfg: PretrainConfig, run_dir: Path, extra_callbacks: Optional[list[Any]] = None) -> pl.Trainer:
+def build_trainer(
+    cfg: PretrainConfig,
+    run_dir: Path,
+    extra_callbacks: Optional[list[Any]] = None,
+    environment: Optional[ClusterEnvironment] = None,
+) -> pl.Trainer:
+    """The Trainer of a run; ``environment`` overrides Lightning's cluster detection."""
     t = cfg.trainer
     return pl.Trainer(
         accelerator=t.accelerator,
@@ -89,7 +96,7 @@ def build_trainer(cfg: PretrainConfig, run_dir: Path, extra_callbacks: Optional[
             CSVLogger(run_dir, name="logs"),  # version_N per (re)start: never overwrites a segment
             TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False),
         ],
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO()] + ([environment] if environment is not None else []),
         default_root_dir=run_dir,
     )
 
@@ -109,6 +116,7 @@ def run_pretraining(
     run_dir: Path,
     resolved_config: Optional[str] = None,
     extra_callbacks: Optional[list[Any]] = None,
+    environment: Optional[ClusterEnvironment] = None,
 ) -> Path:
     """Train (or continue training) into ``run_dir``; returns the final ``last.ckpt``.
 
@@ -123,7 +131,7 @@ def run_pretraining(
     callbacks = monitor_callbacks(cfg) + list(extra_callbacks or [])
     if resolved_config is not None and rank_zero_only.rank == 0:
         atomic_write_text(run_dir / "config.yaml", resolved_config)
-    trainer = build_trainer(cfg, run_dir, callbacks)
+    trainer = build_trainer(cfg, run_dir, callbacks, environment)
     if ckpt_path is not None:
         rank_zero_info(f"resuming from {ckpt_path}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -2,22 +2,26 @@
 # Start a throw-away one-node SLURM cluster on loopback (munged + slurmctld + slurmd),
 # for the submitit pre-emption/requeue tests. Idempotent. Must run as root.
 #
-#   eval "$(tests/slurm/start_cluster.sh)"      # exports SLURM_CONF
+#   eval "$(bash tests/slurm/start_cluster.sh)"   # exports SLURM_CONF and PATH (sacct stand-in)
 #
-# stdout: only `export ...` lines (safe to eval); progress and errors go to stderr.
+# stdout: only `export ...` lines (safe to eval; also written to $DIR/env.sh);
+# progress and errors go to stderr.
 # On failure: one line "start_cluster.sh: ERROR: <why> (see <log>)" and a non-zero exit.
 #
 # Environment knobs (all optional):
 #   SSL_XCIT_SLURM_DIR      state/log/spool/config folder   [/tmp/ssl-xcit-slurm]
 #   SSL_XCIT_SLURM_TIMEOUT  seconds to wait for the node     [60]
 #   SSL_XCIT_SLURM_PORT     slurmctld port (slurmd uses +1)  [6817]
+#   SSL_XCIT_SLURM_CRED_EXPIRE  AuthInfo cred_expire = hold of a requeued job, s (min 5) [10]
 #   SSL_XCIT_SLURM_NO_INSTALL=1  never call apt-get
+#   SSL_XCIT_SLURM_SHOW_LOG=1    on failure, also print the last 20 lines of the log
 set -uo pipefail
 
 DIR="${SSL_XCIT_SLURM_DIR:-/tmp/ssl-xcit-slurm}"
 TIMEOUT="${SSL_XCIT_SLURM_TIMEOUT:-60}"
 CTLD_PORT="${SSL_XCIT_SLURM_PORT:-6817}"
 SLURMD_PORT=$((CTLD_PORT + 1))
+CRED_EXPIRE="${SSL_XCIT_SLURM_CRED_EXPIRE:-10}"
 PARTITION=debug
 CONF="$DIR/slurm.conf"
 LOG="$DIR/log"
@@ -26,10 +30,18 @@ MUNGE_SOCKET="$MUNGE_DIR/munge.socket.2"
 PKGS=(slurmd slurmctld slurm-client munge)
 
 log() { echo "start_cluster.sh: $*" >&2; }
+STARTED=0
 die() { # die <why> [log file]
+    # Do not leave half a cluster behind: stop the daemons this run started (logs are kept).
+    if [ "$STARTED" = 1 ]; then
+        for pf in "$DIR/slurmd.pid" "$DIR/slurmctld.pid" "$MUNGE_DIR/munged.pid"; do
+            [ -s "$pf" ] && [ "$(cat "/proc/$(cat "$pf")/comm" 2>/dev/null)" = "$(basename "$pf" .pid)" ] \
+                && kill "$(cat "$pf")" 2>/dev/null
+        done
+    fi
     if [ -n "${2:-}" ]; then
         echo "start_cluster.sh: ERROR: $1 (see $2)" >&2
-        if [ -f "$2" ]; then tail -n 15 "$2" | sed 's/^/    | /' >&2; fi
+        if [ "${SSL_XCIT_SLURM_SHOW_LOG:-0}" = 1 ] && [ -f "$2" ]; then tail -n 20 "$2" | sed 's/^/    | /' >&2; fi
     else
         echo "start_cluster.sh: ERROR: $1" >&2
     fi
@@ -38,16 +50,21 @@ die() { # die <why> [log file]
 
 [ "$(id -u)" = 0 ] || die "must run as root (SlurmUser=root, daemons and apt-get need it)"
 
+# Our folder: created here, marked so stop_cluster.sh only ever deletes a folder we made.
+if [ -d "$DIR" ] && [ ! -f "$DIR/.ssl-xcit-slurm" ] && [ -n "$(ls -A "$DIR" 2>/dev/null)" ]; then
+    die "$DIR exists, is not empty and was not made by this script (set SSL_XCIT_SLURM_DIR)"
+fi
+{ mkdir -p "$DIR" "$LOG" && touch "$DIR/.ssl-xcit-slurm"; } || die "cannot create $DIR"
+
 # ---------------------------------------------------------------- 1. packages
-missing=0
-for b in munged slurmctld slurmd sbatch sinfo scontrol; do
-    command -v "$b" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$b" >/dev/null 2>&1 || missing=1
-done
 export PATH="$PATH:/usr/sbin:/sbin"
+missing=0
+for b in munged munge slurmctld slurmd sbatch sinfo squeue scontrol scancel; do
+    command -v "$b" >/dev/null 2>&1 || missing=1
+done
 if [ "$missing" = 1 ]; then
     [ "${SSL_XCIT_SLURM_NO_INSTALL:-0}" = 1 ] && die "slurm/munge not installed and SSL_XCIT_SLURM_NO_INSTALL=1"
     command -v apt-get >/dev/null 2>&1 || die "slurm/munge not installed and no apt-get to install them"
-    mkdir -p "$LOG"
     log "installing ${PKGS[*]} with apt-get (log: $LOG/apt.log)"
     # policy-rc.d / no systemd: postinst cannot start the services, which is what we want.
     if ! { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
@@ -67,20 +84,31 @@ node_state() { # prints the node state (idle, mix, alloc, down*, ...) or nothing
     SLURM_CONF="$CONF" timeout 10 sinfo -h -N -n "$NODE" -o '%T' 2>/dev/null | head -n 1
 }
 wait_node_up() { # wait_node_up <seconds>
-    local deadline=$((SECONDS + $1)) st=""
-    while [ "$SECONDS" -lt "$deadline" ]; do
+    local start=$SECONDS st="" resumed=0
+    while [ $((SECONDS - start)) -lt "$1" ]; do
         st="$(node_state)"
         case "$st" in
             idle|mixed|allocated|completing) return 0 ;;
+            down*|drain*|fail*|inval*)
+                # ReturnToService=2 should bring it back by itself; nudge once if not.
+                if [ "$resumed" = 0 ] && [ $((SECONDS - start)) -ge 3 ]; then
+                    SLURM_CONF="$CONF" scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1
+                    resumed=1
+                fi ;;
         esac
-        pid_alive "$DIR/slurmctld.pid" || die "slurmctld died during start-up" "$LOG/slurmctld.log"
-        pid_alive "$DIR/slurmd.pid" || die "slurmd died during start-up" "$LOG/slurmd.log"
+        if [ $((SECONDS - start)) -ge 2 ]; then   # give the daemons time to write their pid files
+            pid_alive "$DIR/slurmctld.pid" || die "slurmctld died during start-up" "$LOG/slurmctld.log"
+            pid_alive "$DIR/slurmd.pid" || die "slurmd died during start-up" "$LOG/slurmd.log"
+        fi
         sleep 0.5
     done
-    die "node $NODE not idle after ${1}s (state: '${st:-no answer from slurmctld}')" "$LOG/slurmd.log"
+    st="$(SLURM_CONF="$CONF" timeout 10 sinfo -h -N -n "$NODE" -o '%T, reason: %E' 2>/dev/null | head -n 1)"
+    die "node $NODE not idle after ${1}s (state: ${st:-no answer from slurmctld})" "$LOG/slurmd.log"
 }
 print_env() {
+    # PATH: $DIR/bin holds the sacct stand-in (no slurmdbd here; submitit polls sacct).
     echo "export SLURM_CONF=$CONF"
+    echo "export PATH=$DIR/bin:\$PATH"
 }
 
 # ---------------------------------------------------------------- 2. node facts
@@ -130,8 +158,7 @@ REALMEM=$(( MEM_AVAIL * 9 / 10 ))
 
 # ---------------------------------------------------------------- 3. files
 rm -rf "$DIR/ctld" "$DIR/slurmd"   # job/node state of a previous run is garbage
-mkdir -p "$DIR" "$LOG" "$DIR/ctld" "$DIR/slurmd" "$MUNGE_DIR" || die "cannot create $DIR"
-touch "$DIR/.ssl-xcit-slurm"           # marker: stop_cluster.sh only deletes folders that have it
+mkdir -p "$DIR/ctld" "$DIR/slurmd" "$MUNGE_DIR" || die "cannot create folders in $DIR"
 chmod 755 "$DIR" "$MUNGE_DIR"       # munged wants its socket folder searchable by all
 rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
 
@@ -155,7 +182,7 @@ AuthType=auth/munge
 CredType=cred/munge
 # Private munged socket; cred_expire is also how long a requeued job is held
 # (Reason=BeginTime) before it may start again (Slurm default: 120 s).
-AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=$CRED_EXPIRE
 StateSaveLocation=$DIR/ctld
 SlurmdSpoolDir=$DIR/slurmd
 SlurmctldPidFile=$DIR/slurmctld.pid
@@ -187,8 +214,74 @@ NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$CPUS Sockets=$SOCKETS
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
 
+# sacct stand-in, see print_env.
+mkdir -p "$DIR/bin"
+cat >"$DIR/bin/sacct" <<'SACCT_EOF'
+#!/usr/bin/env bash
+# sacct stand-in for the ssl_xcit test cluster (no slurmdbd, so the real sacct only says
+# "Slurm accounting storage is disabled"). Answers from slurmctld's memory via
+# `scontrol -o show job` (jobs stay there MinJobAge seconds after they end).
+# Supports what submitit uses: -o/--format, -j/--jobs, -P/--parsable2, -p/--parsable,
+# -n/--noheader; other options are ignored. Output is always '|'-separated.
+fields="JobID,JobName,Partition,State,ExitCode,NodeList"; jobs=(); header=1; trail=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -o|--format) fields="$2"; shift ;;
+        --format=*) fields="${1#*=}" ;;
+        -o*) fields="${1#-o}" ;;
+        -j|--jobs) IFS=, read -ra v <<<"$2"; jobs+=("${v[@]}"); shift ;;
+        --jobs=*) IFS=, read -ra v <<<"${1#*=}"; jobs+=("${v[@]}") ;;
+        -j*) IFS=, read -ra v <<<"${1#-j}"; jobs+=("${v[@]}") ;;
+        -n|--noheader) header=0 ;;
+        -p|--parsable) trail="|" ;;
+        -S|-E|-u|-A|-s|-r|-M|--starttime|--endtime|--user|--accounts|--state|--partition|--clusters) shift ;;
+    esac
+    shift
+done
+if [ ${#jobs[@]} -eq 0 ]; then
+    out="$(scontrol -o show job 2>/dev/null)"
+else
+    out="$(for j in "${jobs[@]}"; do scontrol -o show job "${j%%.*}" 2>/dev/null; done)"
+fi
+printf '%s\n' "$out" | awk -v fields="$fields" -v header="$header" -v trail="$trail" '
+BEGIN { n = split(fields, f, ","); for (i = 1; i <= n; i++) sub(/%.*/, "", f[i]) }
+NR == 1 && header { line = ""; for (i = 1; i <= n; i++) line = line (i > 1 ? "|" : "") f[i]; print line trail }
+/JobId=/ {
+    delete kv
+    for (i = 1; i <= NF; i++) { p = index($i, "="); if (p) kv[substr($i, 1, p - 1)] = substr($i, p + 1) }
+    id = kv["JobId"]
+    if (("ArrayJobId" in kv) && ("ArrayTaskId" in kv)) {
+        t = kv["ArrayTaskId"]; sub(/%.*/, "", t)
+        id = kv["ArrayJobId"] "_" (t ~ /[-,]/ ? "[" t "]" : t)
+    }
+    line = ""
+    for (i = 1; i <= n; i++) {
+        k = tolower(f[i]); v = ""
+        if (k == "jobid" || k == "jobidraw") v = id
+        else if (k == "state") v = kv["JobState"]
+        else if (k == "nodelist") v = (kv["NodeList"] == "(null)" || kv["NodeList"] == "") ? "None assigned" : kv["NodeList"]
+        else if (k == "jobname") v = kv["JobName"]
+        else if (k == "partition") v = kv["Partition"]
+        else if (k == "exitcode") v = kv["ExitCode"]
+        else if (k == "restarts") v = kv["Restarts"]
+        else if (k == "reason") v = kv["Reason"]
+        else if (k == "start") v = kv["StartTime"]
+        else if (k == "end") v = kv["EndTime"]
+        else if (k == "elapsed") v = kv["RunTime"]
+        else if (k == "timelimit") v = kv["TimeLimit"]
+        else if (k == "ncpus" || k == "alloccpus") v = kv["NumCPUs"]
+        else if (k == "nnodes") v = kv["NumNodes"]
+        line = line (i > 1 ? "|" : "") v
+    }
+    print line trail
+}'
+SACCT_EOF
+chmod 755 "$DIR/bin/sacct"
+{ echo "# source me: environment for the ssl_xcit test SLURM cluster"; print_env; } >"$DIR/env.sh"
+
 # ---------------------------------------------------------------- 4. daemons
 export SLURM_CONF="$CONF"
+STARTED=1
 : >"$LOG/munged.log"
 munged --force --key-file="$MUNGE_DIR/munge.key" --socket="$MUNGE_SOCKET" \
     --pid-file="$MUNGE_DIR/munged.pid" --seed-file="$MUNGE_DIR/munged.seed" \
@@ -213,10 +306,5 @@ SLURM_CONF="$CONF" timeout 5 scontrol ping 2>/dev/null | grep -q 'is UP' \
 slurmd -N "$NODE" >>"$LOG/slurmd.log" 2>&1 || die "slurmd failed to start" "$LOG/slurmd.log"
 
 wait_node_up "$TIMEOUT"
-# ReturnToService=2 should do this; make sure anyway (a leftover DOWN/DRAIN reason).
-case "$(node_state)" in
-    idle|mixed|allocated|completing) ;;
-    *) SLURM_CONF="$CONF" scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 ;;
-esac
 log "cluster up: node $NODE ($CPUS CPUs, RealMemory=$REALMEM MB), partition $PARTITION, logs in $LOG"
 print_env
