@@ -189,34 +189,44 @@ def sbatch_script(executor: submitit.AutoExecutor) -> str:
     return inner._make_submission_file_text("python -u -m submitit.core._submit " + str(inner.folder), "UID")
 
 
-def submit_command(argv: Sequence[str]) -> int:
+def parse_submit_args(argv: Sequence[str]) -> tuple[SubmitOptions, list[str]]:
+    """(cluster options, the pretraining arguments with the cluster's trainer settings)."""
     own, pretrain_argv = split_argv(argv)
     try:
-        opts = SubmitOptions(**{k: v for k, v in vars(_submit_parser().parse_args(own)).items() if k != "__path__"})
+        namespace = _submit_parser().parse_args(own)
     except ArgumentError as err:
         raise UserError(" ".join(line.strip() for line in str(err).splitlines() if line.strip())) from err
-    argvs = sweep_argvs(list(pretrain_argv) + cluster_overrides(opts), opts.sweep)
-    summaries, run_dirs = [], []
+    opts = SubmitOptions(**{k: v for k, v in vars(namespace).items() if k != "__path__"})
+    return opts, list(pretrain_argv) + cluster_overrides(opts)
+
+
+def submit_jobs(argv: Sequence[str]) -> list[submitit.Job]:
+    """Validate, print what will run, and submit (nothing on --dry-run, which prints the script)."""
+    opts, pretrain_argv = parse_submit_args(argv)
+    argvs = sweep_argvs(pretrain_argv, opts.sweep)
+    run_dirs = []
     for job_argv in argvs:
         cfg, namespace, _ = parse_pretrain_args(job_argv)
         run_dir = Path(cfg.run.dir or Path("runs") / config_name(namespace)).absolute()
-        summaries.append(validate(cfg, run_dir, opts))
+        print("\n".join(validate(cfg, run_dir, opts)))
         run_dirs.append(run_dir)
     if len(set(run_dirs)) < len(run_dirs):
         raise UserError("--sweep: the jobs share a run folder; add --run.dir to the swept keys or vary it")
-    job_dir = Path(opts.job_dir or run_dirs[0] / "submitit").absolute()
-    executor = build_executor(opts, job_dir, len(argvs))
-    for lines in summaries:
-        print("\n".join(lines))
+    executor = build_executor(opts, Path(opts.job_dir or run_dirs[0] / "submitit").absolute(), len(argvs))
     if opts.dry_run:
         print(sbatch_script(executor))
-        return 0
+        return []
     job_argvs = [[os.path.abspath(a) if a.endswith((".yaml", ".yml")) else a for a in av] for av in argvs]
-    jobs = executor.map_array(PretrainJob(opts.max_requeues), job_argvs) if len(argvs) > 1 \
-        else [executor.submit(PretrainJob(opts.max_requeues), job_argvs[0])]
-    for job, run_dir in zip(jobs, run_dirs):
-        print(f"submitted job {job.job_id}: logs {job.paths.stdout} (and .err), run folder {run_dir}")
+    job = PretrainJob(opts.max_requeues)
+    jobs = executor.map_array(job, job_argvs) if len(argvs) > 1 else [executor.submit(job, job_argvs[0])]
+    for submitted, run_dir in zip(jobs, run_dirs):
+        print(f"submitted job {submitted.job_id}: logs {submitted.paths.stdout} (and .err), run folder {run_dir}")
     if opts.wait or opts.cluster == "debug":
-        for job in jobs:
-            print(f"job {job.job_id}: {job.results()[0]}")  # rank 0 speaks for multi-task jobs
+        for submitted in jobs:
+            print(f"job {submitted.job_id}: {submitted.results()[0]}")  # rank 0 speaks for multi-task jobs
+    return jobs
+
+
+def submit_command(argv: Sequence[str]) -> int:
+    submit_jobs(argv)
     return 0

@@ -1,6 +1,7 @@
 """Run by test_ddp.py as a script: 2-process CPU DDP pretraining that dumps each rank's
 center and teacher so the test can compare them. Lightning relaunches this file per rank."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -35,7 +36,20 @@ class DumpPerRank(pl.Callback):
         torch.save(state, self.out / f"rank{trainer.global_rank}_step{trainer.global_step}.pt")
 
 
+def freeze_batchnorm() -> None:
+    """BatchNorm from its running statistics (identity at init): per-sample outputs, so a
+    2-process and a 1-process run see the same teacher logits (SyncBatchNorm is GPU-only)."""
+    real = torch.nn.functional.batch_norm
+
+    def frozen(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+        return real(input, running_mean, running_var, weight, bias, False, momentum, eps)
+
+    torch.nn.functional.batch_norm = frozen
+
+
 if __name__ == "__main__":
+    if os.environ.get("PROBE_FREEZE_BN"):
+        freeze_batchnorm()
     out, extra = Path(sys.argv[1]), sys.argv[2:]
     args = tiny_pretrain_args("synthetic", out / "run", data__synthetic_size="32", data__synthetic_resolution="40",
                               data__batch_size_per_device="4", trainer__max_epochs="1", trainer__accelerator="cpu")

@@ -1,0 +1,78 @@
+"""A real one-node SLURM cluster (tests/slurm/start_cluster.sh): submit, pre-empt, requeue, resume.
+
+Skipped, with the reason, where no cluster answers. `.ci/run` starts one.
+"""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_pretrain_args
+from ssl_xcit.submit_cli import submit_jobs
+from test_cluster_local import STEPS, _wait_for_step
+
+CLUSTER_ENV = Path(os.environ.get("SSL_XCIT_SLURM_DIR", "/tmp/ssl-xcit-slurm")) / "env.sh"
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster() -> None:
+    """Point this process at the test cluster, or skip saying why."""
+    if CLUSTER_ENV.is_file():
+        for line in CLUSTER_ENV.read_text().splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            os.environ[key] = os.path.expandvars(value.strip("'\""))
+    if shutil.which("sinfo") is None:
+        pytest.skip("no SLURM here: start one with eval \"$(bash tests/slurm/start_cluster.sh)\"")
+    probe = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0 or not probe.stdout.strip():
+        pytest.skip(f"no SLURM cluster answers ({probe.stderr.strip()[:120]}): "
+                    "start one with eval \"$(bash tests/slurm/start_cluster.sh)\"")
+
+
+def _job_args(run_dir: Path) -> list[str]:
+    return tiny_pretrain_args("synthetic", run_dir, data__synthetic_size="128", data__synthetic_resolution="40",
+                              data__batch_size_per_device="4", trainer__max_epochs="3", trainer__max_steps=str(STEPS),
+                              model__drop_path_rate="0.1", run__checkpoint_every_n_steps="2") + [
+        "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "01:00:00",
+        "--partition", "debug"]
+
+
+def test_preempted_slurm_job_resumes_mid_epoch_and_continues_the_run(slurm_cluster, tmp_path):
+    reference, = submit_jobs(_job_args(tmp_path / "reference"))
+    assert reference.results()[0].endswith("last.ckpt")
+
+    run_dir = tmp_path / "preempted"
+    job, = submit_jobs(_job_args(run_dir))
+    try:
+        _wait_for_step(run_dir / "checkpoints" / "last.ckpt", 2)
+        subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True, timeout=30)
+        result = job.results()[0]
+    finally:
+        subprocess.run(["scancel", job.job_id], check=False, timeout=30)
+    assert result.endswith("last.ckpt"), result
+    log = (run_dir / "job.log").read_text()
+    assert "pre-empted: checkpoint at step" in log and "start (requeue 1 of at most" in log, log
+    stopped = int(log.split("checkpoint at step ")[1].split()[0])
+    assert 2 <= stopped < STEPS
+
+    a = torch.load(tmp_path / "reference" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == STEPS
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    # the loss logged after the requeue continues the uninterrupted run's trajectory exactly
+    resumed = _losses(run_dir / "logs" / "version_1" / "metrics.csv")
+    whole = _losses(tmp_path / "reference" / "logs" / "version_0" / "metrics.csv")
+    assert resumed and min(resumed) > stopped - 1
+    assert all(resumed[step] == whole[step] for step in resumed)
+
+
+def _losses(path: Path) -> dict[int, str]:
+    import csv
+
+    with open(path) as f:
+        return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")}
