@@ -182,14 +182,41 @@ def linear_command(argv: Sequence[str]) -> int:
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--val-fraction", type=float, default=0.1, help="of the training set, to choose the head")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--protocol", type=str, default="fast",
+                   help="fast: heads on feature stores; dino: frozen backbone + linear layer through augmentations")
+    p.add_argument("--base-lr", type=float, default=0.001, help="dino protocol: lr at batch 256 (scaled linearly)")
     args = _parse(p, argv)
+    if args.protocol == "dino":
+        return _dino_protocol(args)
+    if args.protocol != "fast":
+        raise UserError(f"--protocol: expected fast or dino, got {args.protocol}")
     train, test = _stores(args)
     report = linear_probe(train.features, train.labels, test.features, test.labels, lrs=args.lrs,
                           weight_decays=args.weight_decays, epochs=args.epochs, val_fraction=args.val_fraction,
                           seed=args.seed)
     report.update(train_store=str(train.root), test_store=str(test.root), checkpoint=train.meta.get("checkpoint"))
-    top5 = "-" if report["test_top1"] is None or report.get("test_top5") is None else f"{report['test_top5']:.2f}"
+    top5 = "-" if report.get("test_top5") is None else f"{report['test_top5']:.2f}"
     print(f"linear probe: best lr {report['best_lr']} wd {report['best_weight_decay']} "
           f"(val top1 {report['best_val_top1']:.2f}) -> test top1 {report['test_top1']:.2f}, top5 {top5}")
+    _write_report(report, args.out)
+    return 0
+
+
+def _dino_protocol(args: Namespace) -> int:
+    from ssl_xcit.linear_eval import dino_linear_eval
+    from ssl_xcit.sources import describe
+
+    if not (args.checkpoint and args.train_data) or args.train or args.test:
+        raise UserError("--protocol dino trains through images: give --checkpoint and --train-data [--test-data]")
+    loaded = load_backbone(args.checkpoint, args.which, args.arch)
+    train = build_source(args.train_data, args.train_split, args.cache_dir, args.max_train_images)
+    test = build_source(args.test_data or args.train_data, args.test_split, args.cache_dir, args.max_test_images,
+                        default_splits=("val", "test"))
+    report = dino_linear_eval(loaded, train, test, len(describe(train)[2]), epochs=args.epochs,
+                              batch_size=args.batch_size, base_lr=args.base_lr, resize=args.resize, crop=args.crop,
+                              num_workers=args.num_workers, seed=args.seed)
+    report["checkpoint"] = loaded.source
+    top5 = "-" if report["test_top5"] is None else f"{report['test_top5']:.2f}"
+    print(f"linear probe (DINO protocol, {args.epochs} epochs): test top1 {report['test_top1']:.2f}, top5 {top5}")
     _write_report(report, args.out)
     return 0

@@ -173,7 +173,9 @@ def build_executor(opts: SubmitOptions, job_dir: Path, array: int) -> submitit.A
         params["mem_gb"] = opts.mem_gb
     slurm = {"slurm_partition": opts.partition, "slurm_account": opts.account, "slurm_qos": opts.qos,
              "slurm_constraint": opts.constraint, "slurm_exclude": opts.exclude,
-             "slurm_signal_delay_s": opts.signal_delay_s, "slurm_array_parallelism": array}
+             "slurm_signal_delay_s": opts.signal_delay_s, "slurm_array_parallelism": array,
+             # clusters may default to JobRequeue=0, which refuses submitit's `scontrol requeue`
+             "slurm_additional_parameters": {"requeue": True}}
     params.update({k: v for k, v in slurm.items() if v is not None})
     executor.update_parameters(**params)
     return executor

@@ -88,3 +88,26 @@ def test_knn_errors_are_one_line(tmp_path, capsys):
     assert "--train and --test go together" in capsys.readouterr().err
     assert main(["knn", "--train", str(tmp_path / "a"), "--test", str(tmp_path / "b")]) == 2
     assert str(tmp_path / "a") in capsys.readouterr().err
+
+
+def test_dino_linear_protocol_report(cifar_slice, tiny_checkpoint, tmp_path):
+    report_path = tmp_path / "dino_linear.json"
+    assert main(["linear", "--protocol", "dino", "--checkpoint", str(tiny_checkpoint), "--train-data",
+                 str(cifar_slice), "--resize", "32", "--crop", "32", "--epochs", "2", "--batch-size", "64",
+                 "--num-workers", "0", "--out", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["protocol"] == "dino" and report["num_test"] == 100 and report["dim"] == 128
+    assert 0 <= report["test_top1"] <= report["test_top5"] <= 100
+    assert report["lr"] == pytest.approx(0.001 * 64 / 256)
+
+
+def test_dino_linear_protocol_leaves_the_backbone_untouched(cifar_slice, tiny_checkpoint):
+    from ssl_xcit.linear_eval import dino_linear_eval
+
+    loaded = load_backbone(tiny_checkpoint)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    source = build_source(str(cifar_slice), "test", "/unused")
+    dino_linear_eval(loaded, source, source, 10, epochs=1, batch_size=50, resize=32, crop=32, num_workers=0,
+                     accelerator="cpu")
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "weights or BatchNorm statistics moved"

@@ -49,7 +49,7 @@ def test_dry_run_prints_the_validated_slurm_script(cifar_slice, tmp_path, capsys
     out = capsys.readouterr().out
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --account=vision", "#SBATCH --time=720",
-                 "#SBATCH --signal=USR2@120", "300 images", "world size 16", "global batch 64",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "300 images", "world size 16", "global batch 64",
                  "peak lr 0.000125 (= 0.0005 x 64 / 256)", "new run"):
         assert line in out, line
     assert not run_dir.exists(), "a dry run writes nothing"
