@@ -19,6 +19,7 @@ from ssl_xcit.backbone_io import export_backbone, load_backbone
 from ssl_xcit.errors import UserError
 from ssl_xcit.feature_store import FeatureStore, check_compatible, load_feature_store
 from ssl_xcit.features import export_features
+from ssl_xcit.sharded_export import export_features_sharded, launched_world
 from ssl_xcit.sources import build_source
 
 
@@ -57,8 +58,11 @@ def _export(args: Namespace, data: str, split: Optional[str], max_images: Option
     loaded = load_backbone(args.checkpoint, args.which, args.arch)
     source = build_source(data, split, args.cache_dir, max_images, default_splits=default_splits)
     meta = {"data": data, "split": split, "max_images": max_images}
-    return export_features(loaded, source, out, args.resize, args.crop, args.variant, args.batch_size,
-                           args.num_workers, meta=meta, progress=args.progress)
+    kwargs = dict(resize=args.resize, crop=args.crop, variant=args.variant, batch_size=args.batch_size,
+                  num_workers=args.num_workers, meta=meta, progress=args.progress)
+    if launched_world()[1] > 1:  # started by torchrun: every process exports a shard
+        return export_features_sharded(loaded, source, out, **kwargs)
+    return export_features(loaded, source, out, **kwargs)
 
 
 def export_command(argv: Sequence[str]) -> int:

@@ -8,7 +8,6 @@ the teacher EMA right after an optimizer step that really happened (``optimizer_
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict
 from typing import Any

@@ -20,7 +20,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ssl_xcit.errors import UserError
 

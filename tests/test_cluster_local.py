@@ -92,13 +92,19 @@ def test_preempted_local_job_requeues_and_ends_bit_identical(tmp_path):
     job, = submit_jobs(_local_job_args(run_dir))
     _wait_for_step(run_dir / "checkpoints" / "last.ckpt", 2)
     _signal_tasks(job.job_id, "USR2")
-    result = job.results()[0]
+    assert_requeued_once_and_identical(job.results()[0], run_dir, tmp_path / "reference")
+
+
+def assert_requeued_once_and_identical(result: str, run_dir: Path, reference_dir: Path) -> int:
+    """The job was pre-empted mid-run, requeued once, finished at STEPS with the reference's
+    weights bit for bit; returns the step it was pre-empted at."""
     assert result.endswith("last.ckpt"), result
     log = (run_dir / "job.log").read_text()
     assert "pre-empted: checkpoint at step" in log and "start (requeue 1 of at most" in log, log
     stopped = int(log.split("checkpoint at step ")[1].split()[0])
     assert 2 <= stopped < STEPS
-    a = torch.load(tmp_path / "reference" / "checkpoints" / "last.ckpt", weights_only=True)
+    a = torch.load(reference_dir / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == STEPS
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    return stopped

@@ -111,3 +111,30 @@ def test_dino_linear_protocol_leaves_the_backbone_untouched(cifar_slice, tiny_ch
                      accelerator="cpu")
     after = loaded.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "weights or BatchNorm statistics moved"
+
+
+@pytest.mark.slow
+def test_export_across_two_processes_equals_one(cifar_slice, tiny_checkpoint, tmp_path):
+    """`torchrun --nproc-per-node 2 -m ssl_xcit.cli export ...`: shards merged in dataset order."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    args = ["export", "--checkpoint", str(tiny_checkpoint), "--data", str(cifar_slice), "--split", "test",
+            "--resize", "32", "--crop", "32", "--batch-size", "16", "--num-workers", "0", "--progress", "false"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    procs = [subprocess.Popen([sys.executable, "-m", "ssl_xcit.cli", *args, "--out", str(tmp_path / "two")],
+                              env=dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2",
+                                       RANK=str(r), LOCAL_RANK=str(r)), stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    two, one = load_feature_store(tmp_path / "two"), load_feature_store(tmp_path / "one")
+    assert two.paths == one.paths and np.array_equal(two.labels, one.labels)
+    assert np.allclose(two.features, one.features, atol=1e-5)
+    assert two.meta["world_size"] == 2 and not (tmp_path / "two" / ".shards").exists()

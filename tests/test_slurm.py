@@ -9,11 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import tiny_pretrain_args
 from ssl_xcit.submit_cli import submit_jobs
-from test_cluster_local import STEPS, _wait_for_step
+from test_cluster_local import STEPS, _wait_for_step, assert_requeued_once_and_identical
 
 CLUSTER_ENV = Path(os.environ.get("SSL_XCIT_SLURM_DIR", "/tmp/ssl-xcit-slurm")) / "env.sh"
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -54,16 +53,7 @@ def test_preempted_slurm_job_resumes_mid_epoch_and_continues_the_run(slurm_clust
         result = job.results()[0]
     finally:
         subprocess.run(["scancel", job.job_id], check=False, timeout=30)
-    assert result.endswith("last.ckpt"), result
-    log = (run_dir / "job.log").read_text()
-    assert "pre-empted: checkpoint at step" in log and "start (requeue 1 of at most" in log, log
-    stopped = int(log.split("checkpoint at step ")[1].split()[0])
-    assert 2 <= stopped < STEPS
-
-    a = torch.load(tmp_path / "reference" / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == STEPS
-    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    stopped = assert_requeued_once_and_identical(result, run_dir, tmp_path / "reference")
     # the loss logged after the requeue continues the uninterrupted run's trajectory exactly
     resumed = _losses(run_dir / "logs" / "version_1" / "metrics.csv")
     whole = _losses(tmp_path / "reference" / "logs" / "version_0" / "metrics.csv")

@@ -1,6 +1,5 @@
 """``ssl-xcit submit``: argument handling, --dry-run, validation, and local-executor jobs."""
 
-from pathlib import Path
 
 import pytest
 
