@@ -70,13 +70,16 @@ def export_command(argv: Sequence[str]) -> int:
     _add_backbone_args(p)
     _add_export_args(p)
     p.add_argument("--data", type=str, required=True, help="ImageFolder dir, .tar.gz of one, cifar10")
-    p.add_argument("--split", type=Optional[str], default=None, help="sub-folder, e.g. train or val")
+    p.add_argument("--split", type=Optional[str], default=None,
+                   help="sub-folder, e.g. train; a list such as val,test takes the first that exists")
     p.add_argument("--max-images", type=Optional[int], default=None)
     p.add_argument("--out", type=str, required=True, help="feature store folder")
     args = _parse(p, argv)
     if not args.checkpoint:
         raise UserError("--checkpoint is required")
-    out = _export(args, args.data, args.split, args.max_images, Path(args.out), ("train",))
+    candidates = tuple(args.split.split(",")) if args.split and "," in args.split else None
+    split = None if candidates else args.split
+    out = _export(args, args.data, split, args.max_images, Path(args.out), candidates or ("train",))
     print(f"features written to {out}")
     return 0
 

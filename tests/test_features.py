@@ -138,3 +138,21 @@ def test_export_across_two_processes_equals_one(cifar_slice, tiny_checkpoint, tm
     assert two.paths == one.paths and np.array_equal(two.labels, one.labels)
     assert np.allclose(two.features, one.features, atol=1e-5)
     assert two.meta["world_size"] == 2 and not (tmp_path / "two" / ".shards").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_checkpoint_script_runs_the_whole_chain(cifar_slice_archive, tiny_checkpoint, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "eval" / "evaluate_checkpoint.sh"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(script), str(tiny_checkpoint), str(cifar_slice_archive), str(tmp_path),
+                           "--resize", "32", "--crop", "32", "--num-workers", "0", "--progress", "false"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert load_feature_store(tmp_path / "features" / "eval").features.shape == (100, 128)
+    assert [r["k"] for r in json.loads((tmp_path / "knn.json").read_text())["results"]] == [10, 20, 100, 200]
+    assert "test_top1" in json.loads((tmp_path / "linear.json").read_text())
