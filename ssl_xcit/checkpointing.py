@@ -74,4 +74,4 @@ class LastCheckpoint(pl.Callback):
             or step == trainer.max_steps
             or trainer.should_stop
         ):
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # full state: optimizer, loops, callbacks

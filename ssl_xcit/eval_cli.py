@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -205,6 +206,8 @@ def linear_command(argv: Sequence[str]) -> int:
     top5 = "-" if report.get("test_top5") is None else f"{report['test_top5']:.2f}"
     print(f"linear probe: best lr {report['best_lr']} wd {report['best_weight_decay']} "
           f"(val top1 {report['best_val_top1']:.2f}) -> test top1 {report['test_top1']:.2f}, top5 {top5}")
+    if report["best_lr"] in (min(args.lrs), max(args.lrs)) and len(args.lrs) > 1:
+        print(f"warning: the best lr {report['best_lr']} is at the edge of the grid; widen --lrs", file=sys.stderr)
     _write_report(report, args.out)
     return 0
 

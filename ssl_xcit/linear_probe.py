@@ -25,7 +25,7 @@ from ssl_xcit.feature_store import FeatureError, validate_train_test
 from ssl_xcit.knn import l2_normalize, true_class_rank
 from ssl_xcit.schedules import cosine
 
-DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)  # unit-norm features want large lrs
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-5, 1e-4, 1e-3)
 MOMENTUM = 0.9
 _EVAL_BATCH = 4096

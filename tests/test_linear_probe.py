@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_xcit.feature_store import FeatureError
-from ssl_xcit.linear_probe import linear_probe, stratified_split, train_heads
+from ssl_xcit.linear_probe import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS, linear_probe, stratified_split, train_heads
 
 GRID = {"lrs": (0.1, 1.0, 10.0), "weight_decays": (0.0, 1e-4)}
 
@@ -31,7 +31,7 @@ def test_separable_clusters_are_learnt():
     report = linear_probe(*_split(10), epochs=10, batch_size=64)
     assert report["test_top1"] >= 99.0
     assert report["test_top5"] == 100.0
-    assert len(report["grid"]) == 7 * 4  # the default grid
+    assert len(report["grid"]) == len(DEFAULT_LRS) * len(DEFAULT_WEIGHT_DECAYS)  # the default grid
     json.dumps(report)
 
 
