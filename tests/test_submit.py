@@ -2,6 +2,7 @@
 
 
 import pytest
+import torch
 
 from conftest import tiny_pretrain_args
 from ssl_xcit.cli import main
@@ -86,3 +87,26 @@ def test_local_executor_job_completes(tmp_path, capsys):
     assert "submitted job" in out and "last.ckpt" in out
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert "finished" in (run_dir / "job.log").read_text()
+
+
+def test_requeues_are_bounded():
+    from ssl_xcit.launcher import PretrainJob
+
+    argv = ["--data.path", "synthetic"]
+    again = PretrainJob(max_requeues=2, requeues=1).checkpoint(argv)
+    assert again is not None and again.function.requeues == 2 and again.args == (argv,)
+    assert PretrainJob(max_requeues=2, requeues=2).checkpoint(argv) is None
+
+
+@pytest.mark.slow
+def test_sweep_runs_a_job_array(tmp_path):
+    from ssl_xcit.submit_cli import submit_jobs
+
+    args = tiny_pretrain_args("synthetic", tmp_path / "unused", data__synthetic_size="16",
+                              data__synthetic_resolution="40", trainer__max_steps="2")
+    jobs = submit_jobs([*args, "--cluster", "local", "--gpus-per-node", "0", "--cpus-per-task", "1",
+                        "--sweep", f"run.dir={tmp_path / 'a'},{tmp_path / 'b'}", "--sweep", "optim.lr=0.001", "--wait"])
+    assert len(jobs) == 2
+    for name in ("a", "b"):
+        ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["config"]["optim"]["lr"] == 0.001
