@@ -23,7 +23,7 @@ from ssl_xcit.head import DINOHead
 from ssl_xcit.loss import DINOLoss
 from ssl_xcit.monitoring import collapse_signals
 from ssl_xcit.optim import clip_gradients_per_tensor, drop_gradients, ema_update, param_groups
-from ssl_xcit.schedules import DinoSchedules, scaled_lr
+from ssl_xcit.schedules import DinoSchedules, ScheduleValues, scaled_lr
 
 
 def build_student(cfg: PretrainConfig, drop_path_rate: float) -> MultiCropNet:
@@ -66,6 +66,7 @@ class DINOModule(pl.LightningModule):
         self._student_params = list(self.student.parameters())
         self._teacher_params = list(self.teacher.parameters())
         self.schedules: DinoSchedules | None = None
+        self._values: ScheduleValues | None = None  # the schedules at the current step
         self._skip_update = False
 
     # -- set-up -------------------------------------------------------------------------
@@ -104,15 +105,15 @@ class DINOModule(pl.LightningModule):
     # -- one step -----------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         assert self.schedules is not None
-        values = self.schedules.at(self.global_step)
+        self._values = values = self.schedules.at(self.global_step)
         for group in self.optimizers().optimizer.param_groups:
             group["lr"] = values.lr
             if group["apply_weight_decay"]:
                 group["weight_decay"] = values.weight_decay
 
     def training_step(self, crops: list[torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        assert self.schedules is not None
-        values = self.schedules.at(self.global_step)
+        values = self._values
+        assert values is not None
         teacher_logits = self.teacher(crops[:2])  # (2B, K)
         student_logits = self.student(crops)  # (V B, K)
         loss = self.loss_fn(student_logits, teacher_logits, values.teacher_temp)
@@ -148,12 +149,11 @@ class DINOModule(pl.LightningModule):
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         scale_before = scaler.get_scale() if scaler is not None else None
-        step = self.global_step  # the step being taken; Lightning counts it once it is done
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         stepped = not self._skip_update and (scaler is None or scaler.get_scale() >= scale_before)
         if stepped:
-            assert self.schedules is not None
-            ema_update(self._teacher_params, self._student_params, self.schedules.at(step).momentum_teacher)
+            assert self._values is not None  # set for this step in on_train_batch_start
+            ema_update(self._teacher_params, self._student_params, self._values.momentum_teacher)
 
     # -- checkpoint extras --------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
