@@ -9,6 +9,7 @@ for numbers comparable with the papers.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import pytorch_lightning as pl
@@ -107,7 +108,9 @@ def dino_linear_eval(
     trainer = pl.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=False,
                          enable_checkpointing=False, enable_model_summary=False,
                          precision="bf16-mixed" if torch.cuda.is_available() and accelerator != "cpu" else "32-true")
-    trainer.fit(module, train)
+    with warnings.catch_warnings():  # the frozen backbone is in eval mode on purpose
+        warnings.filterwarnings("ignore", message="Found .* module\\(s\\) in eval mode")
+        trainer.fit(module, train)
     trainer.test(module, test, verbose=False)
     top5: Optional[float] = 100.0 * module.correct[5] / module.seen if num_classes >= 5 else None
     return {"protocol": "dino", "epochs": epochs, "batch_size": batch_size, "lr": lr, "dim": dim,

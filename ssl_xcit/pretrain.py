@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -111,6 +112,14 @@ def resume_checkpoint(cfg: PretrainConfig, run_dir: Path) -> Optional[Path]:
     return last
 
 
+def _silence_resume_notices() -> None:
+    """Lightning warns that a mid-epoch resume is unreliable unless the DataLoader itself is
+    stateful; ours restores the data position through the DataModule (bit-exact, tested).
+    And a resumed run's checkpoint folder is meant to exist already."""
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+
+
 def run_pretraining(
     cfg: PretrainConfig,
     run_dir: Path,
@@ -134,5 +143,6 @@ def run_pretraining(
     trainer = build_trainer(cfg, run_dir, callbacks, environment)
     if ckpt_path is not None:
         rank_zero_info(f"resuming from {ckpt_path}")
+        _silence_resume_notices()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return run_dir / "checkpoints" / LAST
