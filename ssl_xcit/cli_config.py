@@ -11,13 +11,13 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Optional, Sequence
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
-from jsonargparse import ArgumentError
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace, set_parsing_settings
 
 from ssl_xcit.config import PretrainConfig
 from ssl_xcit.errors import UserError
 
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help shows each field's docstring
 
 
 def pretrain_parser(prog: str = "ssl-xcit pretrain") -> ArgumentParser:
