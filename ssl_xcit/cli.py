@@ -22,6 +22,8 @@ commands:
 
 
 def pretrain_command(argv: Sequence[str]) -> int:
+    from pytorch_lightning.utilities import rank_zero_info
+
     from ssl_xcit.cli_config import config_name, dump_config, parse_pretrain_args
     from ssl_xcit.pretrain import run_pretraining
 
@@ -32,7 +34,7 @@ def pretrain_command(argv: Sequence[str]) -> int:
         return 0
     run_dir = Path(cfg.run.dir or Path("runs") / config_name(namespace))
     last = run_pretraining(cfg, run_dir, resolved)
-    print(f"run folder: {run_dir}\nlast checkpoint: {last}")
+    rank_zero_info(f"run folder: {run_dir}\nlast checkpoint: {last}")
     return 0
 
 
