@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytorch_lightning as pl
-from lightning_fabric.plugins.environments import ClusterEnvironment
 import torch
+from lightning_fabric.plugins.environments import ClusterEnvironment
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
