@@ -73,23 +73,23 @@ def _wait_for_step(last: Path, step: int, timeout: float = 300) -> None:
     raise AssertionError(f"{last} never reached step {step}")
 
 
-def _local_job_args(run_dir: Path) -> list[str]:
+def two_task_job_args(run_dir: Path, *cluster: str) -> list[str]:
+    """`ssl-xcit submit` arguments of a 2-process CPU job of STEPS steps, checkpointing every 2."""
     return tiny_pretrain_args("synthetic", run_dir, data__synthetic_size="128", data__synthetic_resolution="40",
                               data__batch_size_per_device="4", trainer__max_epochs="3", trainer__max_steps=str(STEPS),
                               model__drop_path_rate="0.1", run__checkpoint_every_n_steps="2") + [
-        "--cluster", "local", "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1",
-        "--time", "01:00:00"]
+        "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "01:00:00", *cluster]
 
 
 @pytest.mark.slow
 def test_preempted_local_job_requeues_and_ends_bit_identical(tmp_path):
     """Two CPU processes under submitit's local executor: USR2 mid-epoch → checkpoint at the next
     step, requeue, resume; the final weights equal those of an uninterrupted job."""
-    reference, = submit_jobs(_local_job_args(tmp_path / "reference"))
+    reference, = submit_jobs(two_task_job_args(tmp_path / "reference", "--cluster", "local"))
     assert reference.results()[0].endswith("last.ckpt")
 
     run_dir = tmp_path / "preempted"
-    job, = submit_jobs(_local_job_args(run_dir))
+    job, = submit_jobs(two_task_job_args(run_dir, "--cluster", "local"))
     _wait_for_step(run_dir / "checkpoints" / "last.ckpt", 2)
     _signal_tasks(job.job_id, "USR2")
     assert_requeued_once_and_identical(job.results()[0], run_dir, tmp_path / "reference")

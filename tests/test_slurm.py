@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_pretrain_args
 from ssl_xcit.submit_cli import submit_jobs
-from test_cluster_local import STEPS, _wait_for_step, assert_requeued_once_and_identical
+from test_cluster_local import _wait_for_step, assert_requeued_once_and_identical, two_task_job_args
 
 CLUSTER_ENV = Path(os.environ.get("SSL_XCIT_SLURM_DIR", "/tmp/ssl-xcit-slurm")) / "env.sh"
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+ON_SLURM = ("--cluster", "slurm", "--partition", "debug")
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +33,12 @@ def slurm_cluster() -> None:
                     "start one with eval \"$(bash tests/slurm/start_cluster.sh)\"")
 
 
-def _job_args(run_dir: Path) -> list[str]:
-    return tiny_pretrain_args("synthetic", run_dir, data__synthetic_size="128", data__synthetic_resolution="40",
-                              data__batch_size_per_device="4", trainer__max_epochs="3", trainer__max_steps=str(STEPS),
-                              model__drop_path_rate="0.1", run__checkpoint_every_n_steps="2") + [
-        "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "01:00:00",
-        "--partition", "debug"]
-
-
 def test_preempted_slurm_job_resumes_mid_epoch_and_continues_the_run(slurm_cluster, tmp_path):
-    reference, = submit_jobs(_job_args(tmp_path / "reference"))
+    reference, = submit_jobs(two_task_job_args(tmp_path / "reference", *ON_SLURM))
     assert reference.results()[0].endswith("last.ckpt")
 
     run_dir = tmp_path / "preempted"
-    job, = submit_jobs(_job_args(run_dir))
+    job, = submit_jobs(two_task_job_args(run_dir, *ON_SLURM))
     try:
         _wait_for_step(run_dir / "checkpoints" / "last.ckpt", 2)
         subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True, timeout=30)
