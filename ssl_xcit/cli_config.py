@@ -29,8 +29,13 @@ def pretrain_parser(prog: str = "ssl-xcit pretrain") -> ArgumentParser:
     return parser
 
 
+def one_line(err: Exception) -> str:
+    """A parser error (jsonargparse spreads them over lines) as the one line users see."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
 def _one_line(err: Exception, argv: Sequence[str]) -> str:
-    message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    message = one_line(err)
     configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
     return f"{message} (config: {', '.join(configs)})" if configs else message
 

@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
 from ssl_xcit.backbone_io import export_backbone, load_backbone
+from ssl_xcit.cli_config import one_line
 from ssl_xcit.errors import UserError
 from ssl_xcit.feature_store import FeatureStore, check_compatible, load_feature_store
 from ssl_xcit.features import export_features
@@ -49,7 +50,7 @@ def _parse(p: ArgumentParser, argv: Sequence[str]) -> Namespace:
     try:
         return p.parse_args(list(argv))
     except ArgumentError as err:
-        raise UserError(" ".join(line.strip() for line in str(err).splitlines() if line.strip())) from err
+        raise UserError(one_line(err)) from err
 
 
 def _export(args: Namespace, data: str, split: Optional[str], max_images: Optional[int], out: Path,

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import submitit
 from jsonargparse import ArgumentError, ArgumentParser
 
-from ssl_xcit.cli_config import config_name, parse_pretrain_args
+from ssl_xcit.cli_config import config_name, one_line, parse_pretrain_args
 from ssl_xcit.config import PretrainConfig
 from ssl_xcit.errors import UserError
 from ssl_xcit.launcher import DEFAULT_MAX_REQUEUES, PretrainJob
@@ -126,6 +126,7 @@ def sweep_argvs(base: list[str], sweeps: list[str]) -> list[list[str]]:
 def validate(cfg: PretrainConfig, run_dir: Path, opts: SubmitOptions) -> list[str]:
     """Check what can be checked before queueing; the summary lines to print."""
     from ssl_xcit.checkpointing import last_checkpoint
+    from ssl_xcit.pretrain import world_size
     from ssl_xcit.sources import build_source
 
     if opts.nodes < 1 or opts.gpus_per_node < 0:
@@ -136,7 +137,7 @@ def validate(cfg: PretrainConfig, run_dir: Path, opts: SubmitOptions) -> list[st
         raise UserError(f"--tasks-per-node {opts.tasks_per_node}: a GPU job runs one task per GPU ({opts.gpus_per_node})")
     source = build_source(cfg.data.path, cfg.data.split, cfg.data.cache_dir, cfg.data.max_images,
                           synthetic_size=cfg.data.synthetic_size)
-    world = cfg.trainer.num_nodes * int(cfg.trainer.devices)
+    world = world_size(cfg)
     global_batch = world * cfg.data.batch_size_per_device
     if len(source) < global_batch:
         raise UserError(f"data.path: {len(source)} images make no global batch of {global_batch}")
@@ -197,7 +198,7 @@ def parse_submit_args(argv: Sequence[str]) -> tuple[SubmitOptions, list[str]]:
     try:
         namespace = _submit_parser().parse_args(own)
     except ArgumentError as err:
-        raise UserError(" ".join(line.strip() for line in str(err).splitlines() if line.strip())) from err
+        raise UserError(one_line(err)) from err
     opts = SubmitOptions(**{k: v for k, v in vars(namespace).items() if k != "__path__"})
     return opts, list(pretrain_argv) + cluster_overrides(opts)
 
