@@ -1,4 +1,4 @@
-"""FAISS vs the chunked torch loop for the exact k-NN search of ``ssl_xcit.knn``.
+"""FAISS vs the chunked torch loop for the exact k-NN search of ``ssl_xcit.eval.knn``.
 
 Each backend runs in a fresh process so its peak-memory figure is its own: the host
 figure is the rise of ``ru_maxrss`` over the process's level before the first search
@@ -24,7 +24,7 @@ import numpy as np
 
 
 def _random_unit_rows(n: int, dim: int, seed: int) -> np.ndarray:
-    from ssl_xcit.knn import l2_normalize
+    from ssl_xcit.eval.knn import l2_normalize
 
     return l2_normalize(np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32))
 
@@ -33,7 +33,7 @@ def _measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     """Runs in a fresh process: builds the data, then times and measures one backend."""
     import torch
 
-    from ssl_xcit.knn import knn_search
+    from ssl_xcit.eval.knn import knn_search
 
     bank, queries = _random_unit_rows(args.num_bank, args.dim, 0), _random_unit_rows(args.num_queries, args.dim, 1)
     cuda = args.device == "cuda"

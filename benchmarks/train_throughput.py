@@ -20,9 +20,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from ssl_xcit.config import AugmentConfig, DataConfig, ModelConfig, PretrainConfig, TrainerConfig
-from ssl_xcit.data import PretrainDataModule
-from ssl_xcit.module import DINOModule
+from ssl_xcit.pretrain.config import AugmentConfig, DataConfig, ModelConfig, PretrainConfig, TrainerConfig
+from ssl_xcit.pretrain.data import PretrainDataModule
+from ssl_xcit.pretrain.module import DINOModule
 
 
 class FixedCrops(Dataset):

@@ -1,0 +1,1 @@
+"""ssl-xcit: DINO self-supervised pretraining of XCiT vision transformers, and its evaluation."""

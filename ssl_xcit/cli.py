@@ -24,8 +24,8 @@ commands:
 def pretrain_command(argv: Sequence[str]) -> int:
     from pytorch_lightning.utilities import rank_zero_info
 
-    from ssl_xcit.cli_config import config_name, dump_config, parse_pretrain_args
-    from ssl_xcit.pretrain import run_pretraining
+    from ssl_xcit.options import config_name, dump_config, parse_pretrain_args
+    from ssl_xcit.pretrain.run import run_pretraining
 
     cfg, namespace, parser = parse_pretrain_args(argv)
     resolved = dump_config(parser, namespace)
@@ -39,7 +39,8 @@ def pretrain_command(argv: Sequence[str]) -> int:
 
 
 def commands() -> dict[str, Callable[[Sequence[str]], int]]:
-    from ssl_xcit import eval_cli, submit_cli
+    from ssl_xcit.eval import commands as eval_cli
+    from ssl_xcit.launch import submit as submit_cli
 
     return {
         "pretrain": pretrain_command,

@@ -4,38 +4,19 @@ from __future__ import annotations
 
 import os
 import tarfile
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import slice_cifar, tiny_pretrain_args
+
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
-
-REPO = Path(__file__).resolve().parents[1]
-CIFAR_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-
-
-def _slice_cifar(dest: Path, per_class: dict[str, int]) -> Path:
-    """Extract the first N images per class of each split into ``dest/CIFAR-10-images``."""
-    if not CIFAR_ARCHIVE.is_file():
-        pytest.skip(f"real images not found at {CIFAR_ARCHIVE}")
-    taken: Counter = Counter()
-    with tarfile.open(CIFAR_ARCHIVE) as tar:
-        for member in tar:
-            parts = Path(member.name).parts  # CIFAR-10-images/<split>/<class>/<file>.jpg
-            if not member.isfile() or len(parts) != 4 or parts[1] not in per_class:
-                continue
-            key = (parts[1], parts[2])
-            if taken[key] < per_class[parts[1]]:
-                tar.extract(member, dest, filter="data")
-                taken[key] += 1
-    return dest / "CIFAR-10-images"
 
 
 @pytest.fixture(scope="session")
 def cifar_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An ImageFolder tree ``train/`` (30 per class) and ``test/`` (10 per class) of real JPEGs."""
-    return _slice_cifar(tmp_path_factory.mktemp("cifar"), {"train": 30, "test": 10})
+    return slice_cifar(tmp_path_factory.mktemp("cifar"), {"train": 30, "test": 10})
 
 
 @pytest.fixture(scope="session")
@@ -47,38 +28,11 @@ def cifar_slice_archive(cifar_slice: Path, tmp_path_factory: pytest.TempPathFact
     return archive
 
 
-def tiny_pretrain_args(data_path: str, run_dir: Path, **overrides: str) -> list[str]:
-    """CLI arguments of a pretraining run that takes seconds on a CPU (2-block nano XCiT, p8, 32/16 px crops)."""
-    args = {
-        "model.arch": "xcit_nano_12_p8_224",
-        "model.backbone_kwargs": "{depth: 2}",
-        "model.out_dim": "256",
-        "model.head_hidden_dim": "128",
-        "model.head_bottleneck_dim": "64",
-        "data.path": data_path,
-        "data.batch_size_per_device": "8",
-        "data.num_workers": "0",
-        "data.cache_dir": str(run_dir.parent / "cache"),
-        "augment.global_crops_size": "32",
-        "augment.local_crops_size": "16",
-        "augment.local_crops_number": "2",
-        "augment.global_crops_scale": "[0.5, 1.0]",
-        "augment.local_crops_scale": "[0.2, 0.5]",
-        "trainer.max_epochs": "2",
-        "trainer.log_every_n_steps": "2",
-        "trainer.enable_progress_bar": "false",
-        "optim.warmup_epochs": "1",
-        "run.dir": str(run_dir),
-    }
-    args.update({k.replace("__", "."): v for k, v in overrides.items()})
-    return [token for key, value in args.items() for token in (f"--{key}", value)]
-
-
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real last.ckpt of a few pretraining steps of the tiny model on synthetic images."""
-    from ssl_xcit.cli_config import parse_pretrain_args
-    from ssl_xcit.pretrain import run_pretraining
+    from ssl_xcit.options import parse_pretrain_args
+    from ssl_xcit.pretrain.run import run_pretraining
 
     run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
     args = tiny_pretrain_args("synthetic", run_dir, data__synthetic_size="16", data__synthetic_resolution="40",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_pretrain_args
+from tests.helpers import tiny_pretrain_args
 from ssl_xcit.cli import main
 
 

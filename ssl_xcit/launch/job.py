@@ -1,0 +1,148 @@
+"""The submitit job that runs ``ssl-xcit pretrain`` on a cluster and survives pre-emption.
+
+Exactly one component owns requeueing: submitit. Its own USR2 handler would checkpoint
+and requeue from inside the signal handler, in the middle of a training step. So the job
+puts a handler in front that only raises a flag. At the next step boundary every rank
+agrees on the flag (one boolean all-reduce), ``last.ckpt`` is written atomically
+(:class:`~ssl_xcit.pretrain.checkpointing.LastCheckpoint` saves when training stops), and rank 0
+hands over to submitit's handler. That handler calls :meth:`PretrainJob.checkpoint`,
+pickles the resubmission and requeues the job (``scontrol requeue``). The requeued job
+resumes from ``last.ckpt`` exactly. Lightning's own SLURM requeue is never installed:
+the job runs under Lightning's plain environment, fed by submitit's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any, Callable, Optional, Sequence
+
+import pytorch_lightning as pl
+import submitit
+from lightning_fabric.plugins.environments import LightningEnvironment
+
+from ssl_xcit.options import config_name, dump_config, parse_pretrain_args
+
+DEFAULT_MAX_REQUEUES = 20
+
+
+class PreemptionFlag:
+    """Signal handlers that only record which signals arrived; the training loop acts on them.
+
+    SIGTERM (a pre-emption notice, or ``scancel``) asks for a checkpoint and a clean stop;
+    USR2 (submitit's pre-emption/time-out signal) asks for a checkpoint and a requeue.
+    """
+
+    def __init__(self, requeue_signal: int, stop_signals: Sequence[int] = (signal.SIGTERM,)) -> None:
+        self.requeue_signal = requeue_signal
+        self.signals = (requeue_signal, *stop_signals)
+        self.received: set[int] = set()
+        self.replaced: dict[int, Any] = {}
+
+    @property
+    def raised(self) -> bool:
+        return bool(self.received)
+
+    @property
+    def requeue(self) -> bool:
+        return self.requeue_signal in self.received
+
+    def install(self) -> None:
+        """Put the recording handler in front; the first handlers replaced are kept (submitit's)."""
+        for signum in self.signals:
+            previous = signal.signal(signum, self._record)
+            self.replaced.setdefault(signum, previous)
+
+    def _record(self, signum: int, frame: Optional[FrameType]) -> None:
+        self.received.add(signum)
+
+
+class StopOnPreemption(pl.Callback):
+    """Stops training at the first step boundary after a signal reached any rank.
+
+    Runs before :class:`LastCheckpoint`, which then saves because training stops. Lightning
+    installs SIGTERM handling of its own when fitting starts (it would abort the epoch), so
+    the recording handlers are put back in front at ``on_train_start``.
+    """
+
+    def __init__(self, flag: PreemptionFlag) -> None:
+        self.flag = flag
+        self.stopped_at_step: Optional[int] = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.flag.install()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.strategy.reduce_boolean_decision(self.flag.raised, all=False):
+            self.stopped_at_step = trainer.global_step
+            trainer.should_stop = True
+
+
+def export_distributed_env() -> submitit.JobEnvironment:
+    """Turn submitit's job environment into the variables Lightning's plain environment reads."""
+    env = submitit.JobEnvironment()
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    os.environ["NODE_RANK"] = str(env.node)
+    return env
+
+
+def log_line(run_dir: Path, message: str) -> None:
+    """Append a time-stamped line to ``run_dir/job.log`` and echo it to the job's stdout."""
+    line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+    print(line, flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "job.log", "a") as f:
+        f.write(line + "\n")
+
+
+class PretrainJob(submitit.helpers.Checkpointable):
+    """``ssl-xcit pretrain ARGV`` as a checkpointable submitit job.
+
+    Args:
+        max_requeues: pre-emptions/time-outs after which the job is not requeued again.
+        requeues: how many times this job has been requeued already.
+    """
+
+    def __init__(self, max_requeues: int = DEFAULT_MAX_REQUEUES, requeues: int = 0) -> None:
+        self.max_requeues, self.requeues = max_requeues, requeues
+
+    def __call__(self, argv: Sequence[str]) -> str:
+        from ssl_xcit.pretrain.run import run_pretraining
+
+        env = export_distributed_env()
+        flag = PreemptionFlag(submitit.JobEnvironment._usr_sig())
+        flag.install()
+        cfg, namespace, parser = parse_pretrain_args(argv)
+        run_dir = Path(cfg.run.dir or Path("runs") / config_name(namespace))
+        if env.global_rank == 0:
+            log_line(run_dir, f"job {env.job_id} start (requeue {self.requeues} of at most {self.max_requeues}), "
+                              f"{env.num_tasks} task(s) on {env.num_nodes} node(s)")
+        stopper = StopOnPreemption(flag)
+        last = run_pretraining(cfg, run_dir, dump_config(parser, namespace), extra_callbacks=[stopper],
+                               environment=LightningEnvironment())
+        if stopper.stopped_at_step is None:
+            if env.global_rank == 0:
+                log_line(run_dir, f"job {env.job_id} finished: {last}")
+            return str(last)
+        what = "pre-empted" if flag.requeue else "stopped by SIGTERM"
+        if env.global_rank == 0:
+            log_line(run_dir, f"job {env.job_id} {what}: checkpoint at step {stopper.stopped_at_step} in {last}")
+            if flag.requeue:
+                self._hand_over_to_submitit(flag)
+        return f"{what} at step {stopper.stopped_at_step}"
+
+    @staticmethod
+    def _hand_over_to_submitit(flag: PreemptionFlag) -> None:
+        """Let submitit's own handler checkpoint (our ``checkpoint``) and requeue; it exits."""
+        handler: Callable[..., Any] = flag.replaced[flag.requeue_signal]
+        if callable(handler):
+            handler(flag.requeue_signal, None)
+
+    def checkpoint(self, argv: Sequence[str]) -> Optional[submitit.helpers.DelayedSubmission]:
+        """The resubmission: the same command, which resumes from ``last.ckpt`` (already saved)."""
+        if self.requeues >= self.max_requeues:
+            return None  # submitit then ends the job with "checkpoint function returned None"
+        return submitit.helpers.DelayedSubmission(PretrainJob(self.max_requeues, self.requeues + 1), list(argv))

@@ -1,0 +1,2 @@
+"""Pretraining: DINO self-distillation of an XCiT (the LightningModule, its loss, head,
+augmentation, data, schedules and checkpoints)."""

@@ -1,0 +1,209 @@
+"""The typed pretraining config: the single source of defaults.
+
+Field names follow DINO's arguments (``out_dim``, ``norm_last_layer``, ``momentum_teacher``,
+``teacher_temp``, ``local_crops_number`` ...) so that a run's ``config.yaml`` diffs against
+a DINO ``args.txt``. YAML recipes in ``configs/`` hold only what differs from these
+defaults; ``--section.key value`` overrides go on top (see :mod:`ssl_xcit.options`).
+Defaults are DINO's ViT-S/16 recipe unless a comment says otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+
+@dataclass
+class ModelConfig:
+    """Backbone (any timm XCiT) and DINO head."""
+
+    arch: str = "xcit_small_12_p16_224"
+    """timm registry name of an XCiT model, e.g. xcit_nano_12_p16_224 ... xcit_large_24_p8_224."""
+    drop_path_rate: float = 0.1
+    """Stochastic depth of the student (the teacher never drops paths)."""
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword overrides for timm.create_model, e.g. {depth: 2}."""
+    out_dim: int = 65536
+    """K, prototypes of the DINO head."""
+    head_nlayers: int = 3
+    """Linear layers of the head's MLP."""
+    head_hidden_dim: int = 2048
+    """Width of the head's hidden layers."""
+    head_bottleneck_dim: int = 256
+    """Size of the L2-normalised embedding compared with the prototypes."""
+    use_bn_in_head: bool = False
+    """BatchNorm in the head's MLP (DINO found it unnecessary for ViTs)."""
+    norm_last_layer: bool = True
+    """Freeze the last layer's weight-norm magnitude at 1 (True helps stability, False helps accuracy)."""
+
+
+@dataclass
+class DataConfig:
+    """Where images come from; labels are ignored in pretraining."""
+
+    path: Optional[str] = None
+    """An ImageFolder directory, a .tar.gz of one, 'cifar10' (torchvision download) or 'synthetic'."""
+    split: Optional[str] = None
+    """Sub-folder to use (e.g. 'train'); None uses 'train' when present, else the folder itself."""
+    batch_size_per_device: int = 64
+    """Images per process; the global batch (x processes) sets the learning rate."""
+    num_workers: int = 8
+    """Data-loading processes per training process."""
+    max_images: Optional[int] = None
+    """Use a fixed random subset of this many images (smoke runs, tests)."""
+    cache_dir: str = "~/.cache/ssl-xcit"
+    """Where archives are extracted (once) and cifar10 is downloaded."""
+    synthetic_size: int = 2048
+    """Number of images of the 'synthetic' source."""
+    synthetic_resolution: int = 256
+
+
+@dataclass
+class AugmentConfig:
+    """Multi-crop augmentation (DINO, App. B; BYOL-style colour pipeline)."""
+
+    global_crops_size: int = 224
+    """Side of the 2 global crops (a multiple of the patch size)."""
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    """Area fraction range of the global crops."""
+    local_crops_number: int = 8
+    """Local crops per image (only the student sees them)."""
+    local_crops_size: int = 96
+    """Side of the local crops (a multiple of the patch size)."""
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    """Area fraction range of the local crops."""
+    flip_p: float = 0.5
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    """Brightness, contrast, saturation, hue."""
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    """Gaussian-blur sigma range, in pixels of the crop."""
+    blur_p_global1: float = 1.0
+    """Blur probability of global crop 1 (DINO's asymmetric views: always)."""
+    blur_p_global2: float = 0.1
+    blur_p_local: float = 0.5
+    solarize_p_global2: float = 0.2
+    """Solarisation probability of global crop 2 only."""
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    """Normalisation mean (ImageNet's; set the dataset's own for others)."""
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DinoConfig:
+    """Loss temperatures and centering."""
+
+    teacher_temp: float = 0.04
+    """Teacher softmax temperature after warm-up: lower sharpens (0.07 can be unstable early)."""
+    warmup_teacher_temp: float = 0.04
+    """Teacher temperature at step 0; it rises linearly to teacher_temp."""
+    warmup_teacher_temp_epochs: int = 0
+    """Epochs of the linear teacher-temperature warm-up."""
+    student_temp: float = 0.1
+    """Student softmax temperature."""
+    center_momentum: float = 0.9
+    """EMA momentum of the center subtracted from teacher outputs (prevents one-prototype collapse)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with DINO's schedules, all evaluated per optimizer step."""
+
+    lr: float = 0.0005
+    """Peak learning rate for a global batch of 256; scaled linearly with the global batch."""
+    min_lr: float = 1e-6
+    """Learning rate at the end of the cosine."""
+    warmup_epochs: int = 10
+    """Epochs of linear lr warm-up from 0."""
+    weight_decay: float = 0.04
+    """Weight decay at the start; a cosine takes it to weight_decay_end (larger decay late helps ViTs)."""
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.996
+    """Teacher EMA momentum at step 0; cosine to 1 at the end."""
+    clip_grad: float = 3.0
+    """Per-parameter gradient-norm clip (DINO clips each tensor separately); 0 disables."""
+    freeze_last_layer: int = 1
+    """Epochs during which the head's last layer gets no update."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+
+
+@dataclass
+class TrainerConfig:
+    """What Lightning's Trainer receives."""
+
+    max_epochs: int = 100
+    """Epochs of the run; the schedules span them."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run max_epochs). Schedules span the run."""
+    accelerator: str = "auto"
+    """cpu, gpu or auto."""
+    devices: Union[int, str] = "auto"
+    """Processes (GPUs) per node."""
+    num_nodes: int = 1
+    strategy: str = "auto"
+    """Lightning strategy; several devices use DDP."""
+    precision: Optional[str] = None
+    """None: bf16-mixed on GPU, 32-true on CPU."""
+    sync_batchnorm: Optional[bool] = None
+    """None: SyncBatchNorm when training on several GPUs (XCiT has BatchNorm)."""
+    log_every_n_steps: int = 10
+    """Log loss, schedules and collapse signals every this many steps."""
+    seed: int = 0
+    """Seeds the model, the data order and every augmentation."""
+    deterministic: bool = False
+    """Ask torch for deterministic kernels (slower on GPU; CPU runs resume bit-exactly either way)."""
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    """The run folder: resolved config, checkpoints, logs."""
+
+    dir: Optional[str] = None
+    """Default runs/<config-file-name>/."""
+    resume: bool = True
+    """Continue from <dir>/checkpoints/last.ckpt when it exists; false refuses a used folder."""
+    checkpoint_every_n_steps: int = 500
+    """Refresh last.ckpt every this many optimizer steps (and at every epoch end)."""
+    saveckp_freq: int = 20
+    """Keep a periodic checkpoint every this many epochs (0: only last.ckpt)."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss stops the run with its step number, or skips that step's update."""
+
+
+@dataclass
+class MonitorConfig:
+    """In-training k-NN monitor of the teacher (off when every_n_epochs is 0)."""
+
+    every_n_epochs: int = 0
+    """Run the monitor every this many epochs (0: off)."""
+    train_path: Optional[str] = None
+    """Labelled images whose features form the k-NN bank (folder or .tar.gz)."""
+    train_split: Optional[str] = "train"
+    val_path: Optional[str] = None
+    """Labelled images to classify; default: train_path."""
+    val_split: Optional[str] = "test"
+    max_train_images: Optional[int] = None
+    max_val_images: Optional[int] = None
+    resize: int = 256
+    """Evaluation transform: resize the short side, then centre-crop."""
+    crop: int = 224
+    k: int = 20
+    temperature: float = 0.07
+    """Vote weight exp(similarity / temperature)."""
+
+
+@dataclass
+class PretrainConfig:
+    """Everything ``ssl-xcit pretrain`` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)

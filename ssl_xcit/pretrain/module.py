@@ -1,0 +1,164 @@
+"""DINO self-distillation of an XCiT as a LightningModule.
+
+Each hook does one DINO step: schedules are set in ``on_train_batch_start``, the loss in
+``training_step``, last-layer freezing and per-tensor clipping in
+``on_before_optimizer_step`` (gradients are unscaled there under mixed precision), and
+the teacher EMA right after an optimizer step that really happened (``optimizer_step``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from ssl_xcit.pretrain import rng_state as rng
+from ssl_xcit.backbones import MultiCropNet, build_backbone, patch_size
+from ssl_xcit.pretrain.config import PretrainConfig
+from ssl_xcit.errors import UserError
+from ssl_xcit.pretrain.head import DINOHead
+from ssl_xcit.pretrain.loss import DINOLoss
+from ssl_xcit.pretrain.collapse import collapse_signals
+from ssl_xcit.pretrain.optim import clip_gradients_per_tensor, drop_gradients, ema_update, param_groups
+from ssl_xcit.pretrain.schedules import DinoSchedules, ScheduleValues, scaled_lr
+
+
+def build_student(cfg: PretrainConfig, drop_path_rate: float) -> MultiCropNet:
+    """Backbone + DINO head as the config describes them."""
+    m = cfg.model
+    backbone = build_backbone(m.arch, drop_path_rate, **m.backbone_kwargs)
+    head = DINOHead(
+        backbone.num_features,
+        m.out_dim,
+        m.head_nlayers,
+        m.head_hidden_dim,
+        m.head_bottleneck_dim,
+        m.use_bn_in_head,
+        m.norm_last_layer,
+    )
+    return MultiCropNet(backbone, head)
+
+
+def check_crop_sizes(cfg: PretrainConfig, patch: int) -> None:
+    for key in ("global_crops_size", "local_crops_size"):
+        size = getattr(cfg.augment, key)
+        if size % patch:
+            raise UserError(f"augment.{key}: {size} px is not a multiple of the patch size {patch} of {cfg.model.arch}")
+
+
+class DINOModule(pl.LightningModule):
+    """Student (backbone + head, trained) and teacher (EMA of the student, no gradients)."""
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.save_hyperparameters({"config": asdict(cfg)})
+        self.student = build_student(cfg, cfg.model.drop_path_rate)
+        check_crop_sizes(cfg, patch_size(self.student.backbone))
+        self.teacher = build_student(cfg, 0.0)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        n_views = 2 + cfg.augment.local_crops_number
+        self.loss_fn = DINOLoss(cfg.model.out_dim, n_views, 2, cfg.dino.student_temp, cfg.dino.center_momentum)
+        self._student_params = list(self.student.parameters())
+        self._teacher_params = list(self.teacher.parameters())
+        self.schedules: DinoSchedules | None = None
+        self._values: ScheduleValues | None = None  # the schedules at the current step
+        self._skip_update = False
+
+    # -- set-up -------------------------------------------------------------------------
+    def global_batch_size(self) -> int:
+        return self.cfg.data.batch_size_per_device * self.trainer.world_size
+
+    def build_schedules(self) -> DinoSchedules:
+        """Schedules in optimizer steps over the whole run (max_steps, else max_epochs)."""
+        per_epoch = int(self.trainer.num_training_batches)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else per_epoch * self.trainer.max_epochs
+        o, d = self.cfg.optim, self.cfg.dino
+        return DinoSchedules(
+            total_steps=total,
+            peak_lr=scaled_lr(o.lr, self.global_batch_size()),
+            min_lr=o.min_lr,
+            lr_warmup_steps=min(o.warmup_epochs * per_epoch, total),
+            weight_decay=o.weight_decay,
+            weight_decay_end=o.weight_decay_end,
+            momentum_teacher=o.momentum_teacher,
+            warmup_teacher_temp=d.warmup_teacher_temp,
+            teacher_temp=d.teacher_temp,
+            teacher_temp_warmup_steps=min(d.warmup_teacher_temp_epochs * per_epoch, total),
+        )
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(param_groups(self.student), lr=0.0, betas=self.cfg.optim.betas)
+
+    def on_train_start(self) -> None:
+        self.schedules = self.build_schedules()
+        s = self.schedules
+        self.print(
+            f"global batch {self.global_batch_size()} on {self.trainer.world_size} process(es): "
+            f"peak lr {s.peak_lr:.3g}, {s.total_steps} optimizer steps, {s.lr_warmup_steps} warm-up steps"
+        )
+
+    # -- one step -----------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        assert self.schedules is not None
+        self._values = values = self.schedules.at(self.global_step)
+        for group in self.optimizers().optimizer.param_groups:
+            group["lr"] = values.lr
+            if group["apply_weight_decay"]:
+                group["weight_decay"] = values.weight_decay
+
+    def training_step(self, crops: list[torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        values = self._values
+        assert values is not None
+        teacher_logits = self.teacher(crops[:2])  # (2B, K)
+        student_logits = self.student(crops)  # (V B, K)
+        loss = self.loss_fn(student_logits, teacher_logits, values.teacher_temp)
+        self._skip_update = not math.isfinite(loss.item())
+        if self._skip_update:
+            if self.cfg.run.on_nonfinite == "stop":
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}; stopping")
+            self.print(f"non-finite loss at step {self.global_step}: update skipped")
+            return None
+        self.log("train/loss", loss, prog_bar=True)
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self._log_schedules_and_signals(values, teacher_logits)
+        return loss
+
+    def _log_schedules_and_signals(self, values: Any, teacher_logits: torch.Tensor) -> None:
+        signals = collapse_signals(teacher_logits.detach(), self.loss_fn.center, values.teacher_temp)
+        self.log_dict({f"collapse/{k}": v for k, v in signals.items()})
+        self.log_dict(
+            {
+                "schedule/lr": values.lr,
+                "schedule/weight_decay": values.weight_decay,
+                "schedule/momentum_teacher": values.momentum_teacher,
+                "schedule/teacher_temp": values.teacher_temp,
+            }
+        )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.current_epoch < self.cfg.optim.freeze_last_layer:
+            drop_gradients(self.student.head.last_layer)
+        if self.cfg.optim.clip_grad > 0:
+            clip_gradients_per_tensor(self._student_params, self.cfg.optim.clip_grad)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale_before = scaler.get_scale() if scaler is not None else None
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        stepped = not self._skip_update and (scaler is None or scaler.get_scale() >= scale_before)
+        if stepped:
+            assert self._values is not None  # set for this step in on_train_batch_start
+            ema_update(self._teacher_params, self._student_params, self._values.momentum_teacher)
+
+    # -- checkpoint extras --------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = rng.capture_all_ranks()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            rng.restore_own_rank(checkpoint["rng_states"], self.global_rank)

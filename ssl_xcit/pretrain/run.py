@@ -1,0 +1,148 @@
+"""``ssl-xcit pretrain``: the Trainer, callbacks and run folder around :class:`DINOModule`."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.environments import ClusterEnvironment
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+
+from ssl_xcit.pretrain.checkpointing import LAST, AtomicCheckpointIO, LastCheckpoint, atomic_write_text, last_checkpoint
+from ssl_xcit.pretrain.config import PretrainConfig
+from ssl_xcit.pretrain.data import PretrainDataModule
+from ssl_xcit.errors import UserError
+from ssl_xcit.pretrain.knn_monitor import monitor_callbacks
+from ssl_xcit.pretrain.module import DINOModule
+
+
+def uses_gpu(accelerator: str) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def world_size(cfg: PretrainConfig) -> int:
+    """Processes the run will use (devices per node × nodes)."""
+    devices = cfg.trainer.devices
+    if devices in ("auto", -1, "-1"):
+        devices = torch.cuda.device_count() if uses_gpu(cfg.trainer.accelerator) else 1
+    return int(devices) * cfg.trainer.num_nodes
+
+
+def precision(cfg: PretrainConfig) -> str:
+    """bf16 mixed precision on GPU, fp32 on CPU, unless the config says otherwise."""
+    if cfg.trainer.precision is not None:
+        return cfg.trainer.precision
+    return "bf16-mixed" if uses_gpu(cfg.trainer.accelerator) else "32-true"
+
+
+def sync_batchnorm(cfg: PretrainConfig) -> bool:
+    """SyncBatchNorm whenever several GPUs train together (XCiT has BatchNorm).
+
+    torch implements SyncBatchNorm for GPUs only: on CPU each process normalises its own
+    batch, and asking for it is refused.
+    """
+    gpu = uses_gpu(cfg.trainer.accelerator)
+    if cfg.trainer.sync_batchnorm and not gpu:
+        raise UserError("trainer.sync_batchnorm: SyncBatchNorm needs GPUs; on CPU leave it unset or false")
+    if cfg.trainer.sync_batchnorm is not None:
+        return cfg.trainer.sync_batchnorm
+    return gpu and world_size(cfg) > 1
+
+
+def checkpoint_callbacks(cfg: PretrainConfig, checkpoint_dir: Path) -> list[Callback]:
+    """``last.ckpt`` every N steps and every epoch; a kept copy every ``saveckp_freq`` epochs."""
+    callbacks: list[Callback] = [LastCheckpoint(checkpoint_dir / LAST, cfg.run.checkpoint_every_n_steps)]
+    if cfg.run.saveckp_freq > 0:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=checkpoint_dir,
+                filename="epoch{epoch:04d}",
+                auto_insert_metric_name=False,
+                save_top_k=-1,
+                every_n_epochs=cfg.run.saveckp_freq,
+                save_on_train_epoch_end=True,
+            )
+        )
+    return callbacks
+
+
+def build_trainer(
+    cfg: PretrainConfig,
+    run_dir: Path,
+    extra_callbacks: Optional[list[Any]] = None,
+    environment: Optional[ClusterEnvironment] = None,
+) -> pl.Trainer:
+    """The Trainer of a run; ``environment`` overrides Lightning's cluster detection."""
+    t = cfg.trainer
+    return pl.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=precision(cfg),
+        sync_batchnorm=sync_batchnorm(cfg),
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        log_every_n_steps=t.log_every_n_steps,
+        deterministic=t.deterministic,
+        enable_progress_bar=t.enable_progress_bar,
+        use_distributed_sampler=False,  # ours is distributed and resumable mid-epoch
+        callbacks=list(extra_callbacks or []) + checkpoint_callbacks(cfg, run_dir / "checkpoints"),  # stoppers act before the save
+        logger=[
+            CSVLogger(run_dir, name="logs"),  # version_N per (re)start: never overwrites a segment
+            TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False),
+        ],
+        plugins=[AtomicCheckpointIO()] + ([environment] if environment is not None else []),
+        default_root_dir=run_dir,
+    )
+
+
+def resume_checkpoint(cfg: PretrainConfig, run_dir: Path) -> Optional[Path]:
+    """The checkpoint to continue from, or None for a fresh run."""
+    last = last_checkpoint(run_dir / "checkpoints")
+    if last is not None and not cfg.run.resume:
+        raise UserError(
+            f"run.dir: {run_dir} already holds {last.name}; resume it (--run.resume true) or choose another --run.dir"
+        )
+    return last
+
+
+def _silence_resume_notices() -> None:
+    """Lightning warns that a mid-epoch resume is unreliable unless the DataLoader itself is
+    stateful; ours restores the data position through the DataModule (bit-exact, tested).
+    And a resumed run's checkpoint folder is meant to exist already."""
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+
+
+def run_pretraining(
+    cfg: PretrainConfig,
+    run_dir: Path,
+    resolved_config: Optional[str] = None,
+    extra_callbacks: Optional[list[Any]] = None,
+    environment: Optional[ClusterEnvironment] = None,
+) -> Path:
+    """Train (or continue training) into ``run_dir``; returns the final ``last.ckpt``.
+
+    Data and model are validated before anything is written; ``resolved_config`` (YAML)
+    is then saved as ``run_dir/config.yaml``.
+    """
+    pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    ckpt_path = resume_checkpoint(cfg, run_dir)
+    datamodule = PretrainDataModule(cfg.data, cfg.augment, cfg.trainer.seed)
+    datamodule.setup("fit")  # fail on a bad data path before the model is built
+    module = DINOModule(cfg)
+    callbacks = monitor_callbacks(cfg) + list(extra_callbacks or [])
+    if resolved_config is not None and rank_zero_only.rank == 0:
+        atomic_write_text(run_dir / "config.yaml", resolved_config)
+    trainer = build_trainer(cfg, run_dir, callbacks, environment)
+    if ckpt_path is not None:
+        rank_zero_info(f"resuming from {ckpt_path}")
+        _silence_resume_notices()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return run_dir / "checkpoints" / LAST

@@ -1,0 +1,56 @@
+"""Helpers shared by the tests: the repository's paths, real-image slices, tiny run arguments."""
+
+from __future__ import annotations
+
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def slice_cifar(dest: Path, per_class: dict[str, int]) -> Path:
+    """Extract the first N images per class of each split into ``dest/CIFAR-10-images``."""
+    if not CIFAR_ARCHIVE.is_file():
+        pytest.skip(f"real images not found at {CIFAR_ARCHIVE}")
+    taken: Counter = Counter()
+    with tarfile.open(CIFAR_ARCHIVE) as tar:
+        for member in tar:
+            parts = Path(member.name).parts  # CIFAR-10-images/<split>/<class>/<file>.jpg
+            if not member.isfile() or len(parts) != 4 or parts[1] not in per_class:
+                continue
+            key = (parts[1], parts[2])
+            if taken[key] < per_class[parts[1]]:
+                tar.extract(member, dest, filter="data")
+                taken[key] += 1
+    return dest / "CIFAR-10-images"
+
+
+def tiny_pretrain_args(data_path: str, run_dir: Path, **overrides: str) -> list[str]:
+    """CLI arguments of a pretraining run that takes seconds on a CPU (2-block nano XCiT, p8, 32/16 px crops)."""
+    args = {
+        "model.arch": "xcit_nano_12_p8_224",
+        "model.backbone_kwargs": "{depth: 2}",
+        "model.out_dim": "256",
+        "model.head_hidden_dim": "128",
+        "model.head_bottleneck_dim": "64",
+        "data.path": data_path,
+        "data.batch_size_per_device": "8",
+        "data.num_workers": "0",
+        "data.cache_dir": str(run_dir.parent / "cache"),
+        "augment.global_crops_size": "32",
+        "augment.local_crops_size": "16",
+        "augment.local_crops_number": "2",
+        "augment.global_crops_scale": "[0.5, 1.0]",
+        "augment.local_crops_scale": "[0.2, 0.5]",
+        "trainer.max_epochs": "2",
+        "trainer.log_every_n_steps": "2",
+        "trainer.enable_progress_bar": "false",
+        "optim.warmup_epochs": "1",
+        "run.dir": str(run_dir),
+    }
+    args.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return [token for key, value in args.items() for token in (f"--{key}", value)]

@@ -1,0 +1,112 @@
+"""``ssl-xcit submit``: argument handling, --dry-run, validation, and local-executor jobs."""
+
+
+import pytest
+import torch
+
+from tests.helpers import tiny_pretrain_args
+from ssl_xcit.cli import main
+from ssl_xcit.launch.submit import cluster_overrides, parse_time_minutes, split_argv, sweep_argvs, SubmitOptions
+
+
+def test_split_keeps_pretraining_arguments_unchanged():
+    own, rest = split_argv(["--config", "c.yaml", "--nodes", "2", "--data.path", "x", "--dry-run",
+                            "--gpus-per-node=4", "--trainer.max_steps", "5"])
+    assert own == ["--nodes", "2", "--dry-run", "--gpus-per-node=4"]
+    assert rest == ["--config", "c.yaml", "--data.path", "x", "--trainer.max_steps", "5"]
+
+
+@pytest.mark.parametrize("nodes,gpus,tasks,want", [
+    (2, 8, None, ["gpu", "8", "2", "ddp"]),
+    (1, 1, None, ["gpu", "1", "1", "auto"]),
+    (1, 0, None, ["cpu", "1", "1", "auto"]),
+    (2, 0, 1, ["cpu", "1", "2", "ddp"]),
+    (1, 0, 2, ["cpu", "2", "1", "ddp"]),
+])
+def test_lightning_settings_follow_the_allocation(nodes, gpus, tasks, want):
+    args = cluster_overrides(SubmitOptions(nodes=nodes, gpus_per_node=gpus, tasks_per_node=tasks))
+    assert args[1::2] == want and args[0::2] == ["--trainer.accelerator", "--trainer.devices",
+                                                  "--trainer.num_nodes", "--trainer.strategy"]
+
+
+def test_time_limits():
+    assert parse_time_minutes("72:00:00") == 4320
+    assert parse_time_minutes("1-02:00:30") == 1561
+    with pytest.raises(Exception, match="--time"):
+        parse_time_minutes("3h")
+
+
+def test_sweep_is_a_grid():
+    argvs = sweep_argvs(["--a", "1"], ["optim.lr=0.1,0.2", "run.dir=x,y"])
+    assert len(argvs) == 4 and argvs[0] == ["--a", "1", "--optim.lr", "0.1", "--run.dir", "x"]
+
+
+def test_dry_run_prints_the_validated_slurm_script(cifar_slice, tmp_path, capsys):
+    run_dir = tmp_path / "not-yet"
+    args = tiny_pretrain_args(str(cifar_slice), run_dir, data__batch_size_per_device="4", optim__lr="0.0005")
+    assert main(["submit", *args, "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu",
+                 "--time", "12:00:00", "--account", "vision", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=vision", "#SBATCH --time=720",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "300 images", "world size 16", "global batch 64",
+                 "peak lr 0.000125 (= 0.0005 x 64 / 256)", "new run"):
+        assert line in out, line
+    assert not run_dir.exists(), "a dry run writes nothing"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--data.path", "/no/such/data"], "data.path: /no/such/data does not exist"),
+    (["--time", "soon"], "--time: expected HH:MM:SS"),
+    (["--gpus-per-node", "4", "--tasks-per-node", "2"], "a GPU job runs one task per GPU"),
+    (["--data.batch_size_per_device", "64"], "300 images make no global batch of 1024"),
+    (["--nodes", "two"], 'Parser key "nodes"'),
+])
+def test_dry_run_errors_name_the_field(cifar_slice, tmp_path, capsys, extra, message):
+    args = tiny_pretrain_args(str(cifar_slice), tmp_path / "run")
+    assert main(["submit", *args, "--nodes", "2", "--gpus-per-node", "8", "--dry-run", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_dry_run_reports_the_checkpoint_it_would_resume(tiny_checkpoint, capsys):
+    run_dir = tiny_checkpoint.parent.parent
+    args = tiny_pretrain_args("synthetic", run_dir, data__synthetic_size="16")
+    assert main(["submit", *args, "--cluster", "local", "--gpus-per-node", "0", "--dry-run"]) == 0
+    assert f"resumes from {tiny_checkpoint}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_local_executor_job_completes(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = tiny_pretrain_args("synthetic", run_dir, data__synthetic_size="32", data__synthetic_resolution="40",
+                              trainer__max_epochs="1")
+    assert main(["submit", *args, "--cluster", "local", "--gpus-per-node", "0", "--time", "00:10:00",
+                 "--cpus-per-task", "1", "--wait"]) == 0
+    out = capsys.readouterr().out
+    assert "submitted job" in out and "last.ckpt" in out
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert "finished" in (run_dir / "job.log").read_text()
+
+
+def test_requeues_are_bounded():
+    from ssl_xcit.launch.job import PretrainJob
+
+    argv = ["--data.path", "synthetic"]
+    again = PretrainJob(max_requeues=2, requeues=1).checkpoint(argv)
+    assert again is not None and again.function.requeues == 2 and again.args == (argv,)
+    assert PretrainJob(max_requeues=2, requeues=2).checkpoint(argv) is None
+
+
+@pytest.mark.slow
+def test_sweep_runs_a_job_array(tmp_path):
+    from ssl_xcit.launch.submit import submit_jobs
+
+    args = tiny_pretrain_args("synthetic", tmp_path / "unused", data__synthetic_size="16",
+                              data__synthetic_resolution="40", trainer__max_steps="2")
+    jobs = submit_jobs([*args, "--cluster", "local", "--gpus-per-node", "0", "--cpus-per-task", "1",
+                        "--sweep", f"run.dir={tmp_path / 'a'},{tmp_path / 'b'}", "--sweep", "optim.lr=0.001", "--wait"])
+    assert len(jobs) == 2
+    for name in ("a", "b"):
+        ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["config"]["optim"]["lr"] == 0.001

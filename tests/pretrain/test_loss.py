@@ -1,0 +1,65 @@
+import math
+
+import pytest
+import torch
+
+from ssl_xcit.pretrain.loss import DINOLoss, dino_cross_entropy
+
+
+def naive_dino_loss(student, teacher, center, n_views, student_temp, teacher_temp):
+    """Eq. (3) of DINO written out per sample, per pair of views, with explicit exp/log."""
+    batch = teacher.shape[0] // 2
+    total, pairs = 0.0, 0
+    for t in range(2):
+        for s in range(n_views):
+            if s == t:
+                continue
+            pair = 0.0
+            for b in range(batch):
+                tl = [(x - c) / teacher_temp for x, c in zip(teacher[t * batch + b].tolist(), center[0].tolist())]
+                sl = [x / student_temp for x in student[s * batch + b].tolist()]
+                tz = sum(math.exp(v - max(tl)) for v in tl)
+                p_t = [math.exp(v - max(tl)) / tz for v in tl]
+                log_sz = max(sl) + math.log(sum(math.exp(v - max(sl)) for v in sl))
+                pair += -sum(p * (v - log_sz) for p, v in zip(p_t, sl))
+            total += pair / batch
+            pairs += 1
+    return total / pairs
+
+
+@pytest.mark.parametrize("n_views,batch,dim", [(2, 3, 5), (4, 2, 7), (10, 2, 4)])
+def test_loss_matches_naive_per_pair_loop(n_views, batch, dim):
+    gen = torch.Generator().manual_seed(n_views)
+    student = torch.randn(n_views * batch, dim, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(2 * batch, dim, generator=gen, dtype=torch.float64)
+    center = torch.randn(1, dim, generator=gen, dtype=torch.float64) * 0.1
+    got = dino_cross_entropy(student, teacher, center, n_views, 2, 0.1, 0.04)
+    want = naive_dino_loss(student, teacher, center, n_views, 0.1, 0.04)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_loss_gives_no_gradient_to_teacher():
+    student = torch.randn(6, 8, requires_grad=True)
+    teacher = torch.randn(4, 8, requires_grad=True)
+    dino_cross_entropy(student, teacher, torch.zeros(1, 8), 3, 2, 0.1, 0.04).backward()
+    assert student.grad is not None and teacher.grad is None
+
+
+def test_center_is_ema_of_batch_mean():
+    loss = DINOLoss(out_dim=3, n_student_views=2, center_momentum=0.9)
+    teacher = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0], [0.0, 0.0, 6.0], [4.0, 4.0, 2.0]])
+    loss(torch.randn(4, 3), teacher, teacher_temp=0.04)
+    assert torch.allclose(loss.center, 0.1 * torch.tensor([[2.0, 2.0, 3.0]]))
+    loss(torch.randn(4, 3), teacher, teacher_temp=0.04)
+    assert torch.allclose(loss.center, (0.9 * 0.1 + 0.1) * torch.tensor([[2.0, 2.0, 3.0]]))
+
+
+def test_loss_uses_center_before_update():
+    loss = DINOLoss(out_dim=4, n_student_views=2)
+    student, teacher = torch.randn(4, 4), torch.randn(4, 4)
+    want = dino_cross_entropy(student, teacher, torch.zeros(1, 4), 2, 2, 0.1, 0.07)
+    assert torch.allclose(loss(student, teacher, 0.07), want)
+
+
+def test_center_is_in_state_dict():
+    assert "center" in DINOLoss(out_dim=4, n_student_views=2).state_dict()

@@ -1,0 +1,117 @@
+"""Invariants of the LightningModule, checked through short real Trainer runs."""
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from tests.helpers import tiny_pretrain_args
+from ssl_xcit.options import parse_pretrain_args
+from ssl_xcit.errors import UserError
+from ssl_xcit.pretrain.module import DINOModule
+from ssl_xcit.pretrain.run import run_pretraining
+
+
+def tiny_config(run_dir: Path, **overrides: str):
+    args = tiny_pretrain_args("synthetic", run_dir, data__synthetic_size="32", data__synthetic_resolution="40",
+                              **overrides)
+    return parse_pretrain_args(args)[0]
+
+
+def test_teacher_starts_equal_to_student_and_has_no_trainable_parameters(tmp_path):
+    module = DINOModule(tiny_config(tmp_path))
+    student, teacher = module.student.state_dict(), module.teacher.state_dict()
+    assert student.keys() == teacher.keys()
+    assert all(torch.equal(student[k], teacher[k]) for k in student)
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+
+
+def test_drop_path_on_the_student_only(tmp_path):
+    module = DINOModule(tiny_config(tmp_path, model__drop_path_rate="0.2"))
+    kinds = lambda net: {type(m).__name__ for m in net.backbone.modules()}  # noqa: E731
+    assert "DropPath" in kinds(module.student) and "DropPath" not in kinds(module.teacher)
+
+
+class Recorder(pl.Callback):
+    """Records, per optimizer step, whether the last layer moved and whether the teacher got gradients."""
+
+    def __init__(self):
+        self.last_layer_moved, self.teacher_grads, self.student_moved = [], [], []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._last = module.student.head.last_layer.parametrizations.weight.original1.detach().clone()
+        self._mlp = module.student.head.mlp[0].weight.detach().clone()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        now = module.student.head.last_layer.parametrizations.weight.original1
+        self.last_layer_moved.append((trainer.current_epoch, not torch.equal(now, self._last)))
+        self.student_moved.append(not torch.equal(module.student.head.mlp[0].weight, self._mlp))
+        self.teacher_grads.append(any(p.grad is not None for p in module.teacher.parameters()))
+
+
+def test_last_layer_frozen_then_free_and_teacher_never_gets_gradients(tmp_path):
+    recorder = Recorder()
+    cfg = tiny_config(tmp_path, optim__freeze_last_layer="1", optim__lr="0.5")
+    run_pretraining(cfg, tmp_path, extra_callbacks=[recorder])
+    by_epoch = {e: [moved for ep, moved in recorder.last_layer_moved if ep == e] for e in (0, 1)}
+    assert by_epoch[0] and not any(by_epoch[0])
+    assert all(by_epoch[1])
+    assert not recorder.student_moved[0] and all(recorder.student_moved[1:])  # lr warms up from 0 at step 0
+    assert not any(recorder.teacher_grads)
+
+
+class CheckEMA(pl.Callback):
+    """Checks teacher_after == m * teacher_before + (1 - m) * student_after for each step."""
+
+    def __init__(self):
+        self.errors = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._teacher = [p.detach().clone() for p in module.teacher.parameters()]
+        self._m = module.schedules.at(trainer.global_step).momentum_teacher
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        for t0, t1, s in zip(self._teacher, module.teacher.parameters(), module.student.parameters()):
+            self.errors.append((t1 - (self._m * t0 + (1 - self._m) * s)).abs().max().item())
+
+
+def test_teacher_follows_ema_of_student_with_scheduled_momentum(tmp_path):
+    check = CheckEMA()
+    run_pretraining(tiny_config(tmp_path, trainer__max_epochs="1", optim__lr="0.5"), tmp_path, extra_callbacks=[check])
+    assert check.errors and max(check.errors) < 1e-6
+
+
+def test_non_finite_loss_stops_with_step_number(tmp_path, monkeypatch):
+    monkeypatch.setattr("ssl_xcit.pretrain.loss.dino_cross_entropy", lambda *a, **k: torch.tensor(float("nan")))
+    with pytest.raises(FloatingPointError, match="non-finite loss nan at step 0"):
+        run_pretraining(tiny_config(tmp_path), tmp_path)
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+def test_non_finite_loss_can_be_skipped_without_touching_weights(tmp_path, monkeypatch):
+    real = __import__("ssl_xcit.pretrain.loss", fromlist=["x"]).dino_cross_entropy
+    calls = {"n": 0}
+
+    def nan_on_second(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr("ssl_xcit.pretrain.loss.dino_cross_entropy", nan_on_second)
+    last = run_pretraining(tiny_config(tmp_path, run__on_nonfinite="skip", trainer__max_epochs="1"), tmp_path)
+    state = torch.load(last, weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"augment__global_crops_size": "36"}, "augment.global_crops_size: 36 px is not a multiple of the patch size 8"),
+        ({"model__arch": "xcit_huge_99"}, "model.arch: unknown XCiT architecture 'xcit_huge_99'"),
+        ({"model__backbone_kwargs": "{depthh: 2}"}, "model.backbone_kwargs"),
+    ],
+)
+def test_model_config_errors_name_the_key(tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        DINOModule(tiny_config(tmp_path, **overrides))

@@ -1,0 +1,36 @@
+"""Every bundled recipe parses against the typed config and states only deltas that matter."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+import yaml
+
+from ssl_xcit.options import parse_pretrain_args
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_the_bundled_recipes_exist():
+    names = {p.stem for p in CONFIGS}
+    assert {"quickstart", "cifar10_xcit_tiny", "imagenette_xcit_small", "imagenet_xcit_small_12_p16",
+            "imagenet_xcit_medium_24_p8"} <= names
+
+
+@pytest.mark.parametrize("recipe", CONFIGS, ids=lambda p: p.stem)
+def test_recipe_parses_and_crops_fit_the_patch(recipe):
+    cfg = parse_pretrain_args(["--config", str(recipe)])[0]
+    patch = 8 if "_p8_" in cfg.model.arch else 16
+    assert cfg.augment.global_crops_size % patch == 0 and cfg.augment.local_crops_size % patch == 0
+    raw = yaml.safe_load(recipe.read_text())
+    assert set(raw) <= {"model", "data", "augment", "dino", "optim", "trainer", "run", "monitor"}
+
+
+@pytest.mark.parametrize("name,arch,drop_path", [("imagenet_xcit_small_12_p16", "xcit_small_12_p16_224", 0.05),
+                                                 ("imagenet_xcit_medium_24_p8", "xcit_medium_24_p8_224", 0.15)])
+def test_published_recipes(name, arch, drop_path):
+    cfg = parse_pretrain_args(["--config", str(Path(CONFIGS[0].parent, f"{name}.yaml"))])[0]
+    assert (cfg.model.arch, cfg.model.drop_path_rate, cfg.model.norm_last_layer) == (arch, drop_path, False)
+    assert (cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp, cfg.dino.warmup_teacher_temp_epochs) == (0.04, 0.07, 30)
+    assert (cfg.optim.lr, cfg.trainer.max_epochs) == (0.0005, 300)
