@@ -1,69 +1,49 @@
-"""The ``ssl-xcit`` command: one subcommand per job."""
+"""The ``ssl-xcit`` command: maps each subcommand's name to the function that runs it."""
 
 from __future__ import annotations
 
+import importlib
 import sys
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ssl_xcit.errors import UserError
 
-USAGE = """usage: ssl-xcit COMMAND [options]
-
-commands:
-  pretrain   DINO pretraining of an XCiT (--config configs/X.yaml [--section.key value ...])
-  export     frozen features of a backbone over a labelled dataset
-  export-backbone  the backbone as safetensors for timm.create_model
-  knn        weighted k-NN classification on feature stores
-  linear     linear probe on feature stores
-  submit     pretraining on a SLURM cluster through submitit
-
-`ssl-xcit COMMAND --help` shows each command's options."""
-
-
-def pretrain_command(argv: Sequence[str]) -> int:
-    from pytorch_lightning.utilities import rank_zero_info
-
-    from ssl_xcit.options import config_name, dump_config, parse_pretrain_args
-    from ssl_xcit.pretrain.run import run_pretraining
-
-    cfg, namespace, parser = parse_pretrain_args(argv)
-    resolved = dump_config(parser, namespace)
-    if namespace.print_config:
-        print(resolved, end="")
-        return 0
-    run_dir = Path(cfg.run.dir or Path("runs") / config_name(namespace))
-    last = run_pretraining(cfg, run_dir, resolved)
-    rank_zero_info(f"run folder: {run_dir}\nlast checkpoint: {last}")
-    return 0
+# name -> (module, function, one-line summary); modules are imported only when their command runs
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "pretrain": ("ssl_xcit.pretrain.command", "pretrain_command",
+                 "DINO pretraining of an XCiT (--config configs/X.yaml [--section.key value ...])"),
+    "export": ("ssl_xcit.eval.commands", "export_command", "frozen features of a backbone over a labelled dataset"),
+    "export-backbone": ("ssl_xcit.eval.commands", "export_backbone_command",
+                        "the backbone as safetensors for timm.create_model"),
+    "knn": ("ssl_xcit.eval.commands", "knn_command", "weighted k-NN classification (DINO protocol) on frozen features"),
+    "linear": ("ssl_xcit.eval.commands", "linear_command", "linear probe on frozen features"),
+    "submit": ("ssl_xcit.launch.submit", "submit_command", "pretraining on a SLURM cluster through submitit"),
+}
 
 
-def commands() -> dict[str, Callable[[Sequence[str]], int]]:
-    from ssl_xcit.eval import commands as eval_cli
-    from ssl_xcit.launch import submit as submit_cli
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {summary}" for name, (_, _, summary) in COMMANDS.items()]
+    return ("usage: ssl-xcit COMMAND [--config FILE] [--key value ...]\n\ncommands:\n" + "\n".join(lines)
+            + "\n\n`ssl-xcit COMMAND --help` explains each command's options.")
 
-    return {
-        "pretrain": pretrain_command,
-        "export": eval_cli.export_command,
-        "export-backbone": eval_cli.export_backbone_command,
-        "knn": eval_cli.knn_command,
-        "linear": eval_cli.linear_command,
-        "submit": submit_cli.submit_command,
-    }
+
+def command(name: str) -> Callable[[Sequence[str]], int]:
+    module, function, _ = COMMANDS[name]
+    return getattr(importlib.import_module(module), function)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    table = commands()
     if not args or args[0] in ("-h", "--help"):
-        print(USAGE)
+        print(usage())
         return 0 if args else 2
     name, rest = args[0], args[1:]
-    if name not in table:
-        print(f"ssl-xcit: unknown command '{name}'\n{USAGE}", file=sys.stderr)
+    if name not in COMMANDS:
+        print(f"ssl-xcit: unknown command '{name}'\n{usage()}", file=sys.stderr)
         return 2
     try:
-        return table[name](rest)
+        return command(name)(rest)
     except UserError as err:
         print(f"ssl-xcit {name}: error: {err}", file=sys.stderr)
         return 2

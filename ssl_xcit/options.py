@@ -1,32 +1,95 @@
-"""Parsing ``ssl-xcit pretrain`` arguments into a :class:`PretrainConfig` with jsonargparse.
+"""One way to read every subcommand's options: a typed dataclass parsed by jsonargparse.
 
-``--config FILE`` (repeatable) loads YAML deltas, ``--section.key value`` overrides them,
-unknown keys and wrong types are refused naming the key.
+Each subcommand declares its options as a dataclass whose attribute docstrings become
+the ``--help`` text. ``--config FILE`` (repeatable) loads YAML holding any of those keys;
+``--key value`` (or ``--section.key value`` for nested sections) overrides on top. Unknown
+keys and wrong types are refused in one line naming the key and the config file.
+Dashes and underscores are interchangeable in option names (``--train-data`` =
+``--train_data``), and a list takes its values one after the other (``--k 10 20``).
 """
 
 from __future__ import annotations
 
+import collections.abc
 import os
 from dataclasses import fields
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Generic, NamedTuple, Optional, Sequence, TypeVar, get_origin, get_type_hints
 
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace, set_parsing_settings
 
-from ssl_xcit.pretrain.config import PretrainConfig
 from ssl_xcit.errors import UserError
 
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help shows each field's docstring
 
+Options = TypeVar("Options")
+CLI_ONLY_KEYS = ("config", "launch", "print_config")
 
-def pretrain_parser(prog: str = "ssl-xcit pretrain") -> ArgumentParser:
-    parser = ArgumentParser(prog=prog, exit_on_error=False, description="DINO pretraining of an XCiT.")
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML recipe (deltas on the typed defaults)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--resume", action="store_true", help="same as --run.resume true (the default)")
-    parser.add_class_arguments(PretrainConfig, fail_untyped=True)
+class Parsed(NamedTuple, Generic[Options]):
+    """The typed options, the namespace they came from and the parser that can dump it."""
+
+    options: Options
+    namespace: Namespace
+    parser: ArgumentParser
+
+    def dump(self) -> str:
+        """The resolved options as YAML, without the command-line-only flags."""
+        clean = self.namespace.clone()
+        for key in CLI_ONLY_KEYS:
+            clean.pop(key, None)
+        return self.parser.dump(clean, skip_check=True)
+
+    def config_name(self) -> str:
+        """The stem of the last ``--config`` file, or 'default'."""
+        files: Optional[list] = self.namespace.get("config")
+        return Path(str(files[-1])).stem if files else "default"
+
+
+def options_parser(options: type, prog: str, description: str, config_flag: str = "--config") -> ArgumentParser:
+    """A parser of ``options`` (a dataclass) with ``--config`` files (jsonargparse then adds
+    ``--print_config``, which prints the resolved options and exits)."""
+    parser = ArgumentParser(prog=prog, exit_on_error=False, description=description)
+    parser.add_argument(config_flag, action=ActionConfigFile, help="YAML file of any of the keys below (repeatable); "
+                        "options given after it override it")
+    parser.add_class_arguments(options, fail_untyped=True)
     return parser
+
+
+def underscored(argv: Sequence[str]) -> list[str]:
+    """``--train-data x`` → ``--train_data x``: option names take either spelling; values are untouched."""
+    out = []
+    for token in argv:
+        if token.startswith("--") and len(token) > 2:
+            name, eq, value = token[2:].partition("=")
+            token = "--" + name.replace("-", "_") + eq + value
+        out.append(token)
+    return out
+
+
+def list_keys(options: type) -> set[str]:
+    """Top-level fields of ``options`` that hold a list (they take several values)."""
+    hints = get_type_hints(options)
+    return {f.name for f in fields(options) if get_origin(hints[f.name]) in (list, tuple, collections.abc.Sequence)}
+
+
+def gathered_lists(argv: Sequence[str], keys: set[str]) -> list[str]:
+    """``--k 10 20`` → ``--k [10, 20]`` for the list-valued ``keys`` (a YAML list passes as is)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        out.append(argv[i])
+        if argv[i].startswith("--") and argv[i][2:] in keys:
+            values = []
+            while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                values.append(argv[i + 1])
+                i += 1
+            if len(values) == 1 and values[0].lstrip().startswith("["):
+                out.append(values[0])
+            elif values:
+                out.append("[" + ", ".join(values) + "]")
+        i += 1
+    return out
 
 
 def one_line(err: Exception) -> str:
@@ -34,35 +97,26 @@ def one_line(err: Exception) -> str:
     return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
-def _one_line(err: Exception, argv: Sequence[str]) -> str:
-    message = one_line(err)
-    configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
-    return f"{message} (config: {', '.join(configs)})" if configs else message
+def _config_files(argv: Sequence[str], config_flag: str) -> list[str]:
+    flag = "--" + config_flag[2:].replace("-", "_")
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
 
 
-def parse_pretrain_args(argv: Sequence[str]) -> tuple[PretrainConfig, Namespace, ArgumentParser]:
-    """argv → (config, the parsed namespace, the parser that can dump it)."""
-    parser = pretrain_parser()
+def parse_options(options: type[Options], argv: Sequence[str], prog: str, description: str,
+                  config_flag: str = "--config") -> Parsed[Options]:
+    """argv → the typed options (defaults, then config files, then overrides).
+
+    Raises:
+        UserError: an unknown key, a wrong type or an unreadable config file, in one line.
+    """
+    parser = options_parser(options, prog, description, config_flag)
+    argv = gathered_lists(underscored(argv), list_keys(options))
     try:
-        namespace = parser.parse_args(list(argv))
-        instantiated = parser.instantiate(namespace)
+        namespace = parser.parse_args(argv)
+        instantiated = parser.instantiate_classes(namespace)
     except (ArgumentError, ValueError, TypeError) as err:
-        raise UserError(_one_line(err, argv)) from err
-    cfg = PretrainConfig(**{f.name: instantiated[f.name] for f in fields(PretrainConfig)})
-    if namespace.resume:
-        cfg.run.resume = True
-    return cfg, namespace, parser
-
-
-def config_name(namespace: Namespace) -> str:
-    """The stem of the last --config file, or 'default'."""
-    files: Optional[list] = namespace.get("config")
-    return Path(str(files[-1])).stem if files else "default"
-
-
-def dump_config(parser: ArgumentParser, namespace: Namespace) -> str:
-    """The resolved config as YAML, without the CLI-only flags."""
-    clean = namespace.clone()
-    for key in ("config", "print_config", "resume"):
-        clean.pop(key, None)
-    return parser.dump(clean, skip_check=True)
+        message = one_line(err)
+        configs = _config_files(argv, config_flag)
+        raise UserError(f"{message} (config: {', '.join(configs)})" if configs else message) from err
+    typed: Any = options(**{f.name: instantiated[f.name] for f in fields(options)})
+    return Parsed(typed, namespace, parser)

@@ -31,7 +31,7 @@ def cifar_slice_archive(cifar_slice: Path, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real last.ckpt of a few pretraining steps of the tiny model on synthetic images."""
-    from ssl_xcit.options import parse_pretrain_args
+    from ssl_xcit.pretrain.command import parse_pretrain_args
     from ssl_xcit.pretrain.run import run_pretraining
 
     run_dir = tmp_path_factory.mktemp("tiny_run") / "run"

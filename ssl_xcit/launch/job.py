@@ -24,7 +24,7 @@ import pytorch_lightning as pl
 import submitit
 from lightning_fabric.plugins.environments import LightningEnvironment
 
-from ssl_xcit.options import config_name, dump_config, parse_pretrain_args
+from ssl_xcit.pretrain.command import parse_pretrain_args, run_dir as run_dir_of
 
 DEFAULT_MAX_REQUEUES = 20
 
@@ -115,13 +115,13 @@ class PretrainJob(submitit.helpers.Checkpointable):
         env = export_distributed_env()
         flag = PreemptionFlag(submitit.JobEnvironment._usr_sig())
         flag.install()
-        cfg, namespace, parser = parse_pretrain_args(argv)
-        run_dir = Path(cfg.run.dir or Path("runs") / config_name(namespace))
+        parsed = parse_pretrain_args(argv)
+        cfg, run_dir = parsed.options, run_dir_of(parsed)
         if env.global_rank == 0:
             log_line(run_dir, f"job {env.job_id} start (requeue {self.requeues} of at most {self.max_requeues}), "
                               f"{env.num_tasks} task(s) on {env.num_nodes} node(s)")
         stopper = StopOnPreemption(flag)
-        last = run_pretraining(cfg, run_dir, dump_config(parser, namespace), extra_callbacks=[stopper],
+        last = run_pretraining(cfg, run_dir, parsed.dump(), extra_callbacks=[stopper],
                                environment=LightningEnvironment())
         if stopper.stopped_at_step is None:
             if env.global_rank == 0:

@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: tests.helpers
 from tests.helpers import tiny_pretrain_args  # noqa: E402
-from ssl_xcit.options import parse_pretrain_args  # noqa: E402
+from ssl_xcit.pretrain.command import parse_pretrain_args  # noqa: E402
 from ssl_xcit.pretrain.run import run_pretraining  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 import csv
 
 from tests.helpers import tiny_pretrain_args
-from ssl_xcit.options import parse_pretrain_args
+from ssl_xcit.pretrain.command import parse_pretrain_args
 from ssl_xcit.pretrain.run import run_pretraining
 
 

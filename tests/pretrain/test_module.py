@@ -7,7 +7,7 @@ import pytorch_lightning as pl
 import torch
 
 from tests.helpers import tiny_pretrain_args
-from ssl_xcit.options import parse_pretrain_args
+from ssl_xcit.pretrain.command import parse_pretrain_args
 from ssl_xcit.errors import UserError
 from ssl_xcit.pretrain.module import DINOModule
 from ssl_xcit.pretrain.run import run_pretraining

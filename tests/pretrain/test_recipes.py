@@ -7,7 +7,7 @@ import pytest
 from tests.helpers import REPO
 import yaml
 
-from ssl_xcit.options import parse_pretrain_args
+from ssl_xcit.pretrain.command import parse_pretrain_args
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 

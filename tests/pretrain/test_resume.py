@@ -12,7 +12,7 @@ import torch
 from tests.helpers import tiny_pretrain_args
 from ssl_xcit.pretrain.checkpointing import atomic_torch_save
 from ssl_xcit.cli import main
-from ssl_xcit.options import parse_pretrain_args
+from ssl_xcit.pretrain.command import parse_pretrain_args
 from ssl_xcit.launch.job import PreemptionFlag, StopOnPreemption
 from ssl_xcit.pretrain.run import run_pretraining
 
