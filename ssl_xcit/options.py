@@ -5,16 +5,18 @@ the ``--help`` text. ``--config FILE`` (repeatable) loads YAML holding any of th
 ``--key value`` (or ``--section.key value`` for nested sections) overrides on top. Unknown
 keys and wrong types are refused in one line naming the key and the config file.
 Dashes and underscores are interchangeable in option names (``--train-data`` =
-``--train_data``), and a list takes its values one after the other (``--k 10 20``).
+``--train_data``), a list takes its values one after the other (``--k 10 20``), and a
+switch may stand alone (``--dry-run``).
 """
 
 from __future__ import annotations
 
 import collections.abc
+import json
 import os
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Generic, NamedTuple, Optional, Sequence, TypeVar, get_origin, get_type_hints
+from typing import Any, Generic, NamedTuple, Optional, Sequence, TypeVar, get_args, get_origin, get_type_hints
 
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace, set_parsing_settings
 
@@ -67,28 +69,44 @@ def underscored(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def list_keys(options: type) -> set[str]:
-    """Top-level fields of ``options`` that hold a list (they take several values)."""
-    hints = get_type_hints(options)
-    return {f.name for f in fields(options) if get_origin(hints[f.name]) in (list, tuple, collections.abc.Sequence)}
+def _field_kinds(options: type) -> dict[str, str]:
+    """'list', 'str-list' or 'bool' for the top-level fields of ``options`` that need one."""
+    kinds = {}
+    for f in fields(options):
+        hint = get_type_hints(options)[f.name]
+        if hint is bool:
+            kinds[f.name] = "bool"
+        elif get_origin(hint) in (list, tuple, collections.abc.Sequence):
+            kinds[f.name] = "str-list" if get_args(hint)[:1] == (str,) else "list"
+    return kinds
 
 
-def gathered_lists(argv: Sequence[str], keys: set[str]) -> list[str]:
-    """``--k 10 20`` → ``--k [10, 20]`` for the list-valued ``keys`` (a YAML list passes as is)."""
+def shell_style(argv: Sequence[str], options: type) -> list[str]:
+    """Command-line habits made jsonargparse values: ``--dry-run`` alone → ``--dry_run true``;
+    ``--k 10 20`` → ``--k [10, 20]``; a repeated list option (``--sweep a=1,2 --sweep b=3``)
+    collects every value. Everything else passes unchanged."""
+    kinds = _field_kinds(options)
     out: list[str] = []
+    lists: dict[str, list[str]] = {}
     i = 0
     while i < len(argv):
-        out.append(argv[i])
-        if argv[i].startswith("--") and argv[i][2:] in keys:
-            values = []
-            while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                values.append(argv[i + 1])
-                i += 1
-            if len(values) == 1 and values[0].lstrip().startswith("["):
-                out.append(values[0])
-            elif values:
-                out.append("[" + ", ".join(values) + "]")
+        token, key = argv[i], argv[i][2:] if argv[i].startswith("--") else ""
+        values = []
+        while kinds.get(key) and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            values.append(argv[i + 1])
+            i += 1
         i += 1
+        if kinds.get(key) == "bool":
+            out += [token, *(values or ["true"])]
+        elif kinds.get(key) and not (len(values) == 1 and values[0].lstrip().startswith("[")):
+            if key not in lists:
+                out += [token, key]  # placeholder, filled below
+            lists.setdefault(key, []).extend(values)
+        else:
+            out += [token, *values]
+    for key, values in lists.items():
+        rendered = json.dumps(values) if kinds[key] == "str-list" else "[" + ", ".join(values) + "]"
+        out[out.index(key, out.index(f"--{key}"))] = rendered
     return out
 
 
@@ -110,7 +128,7 @@ def parse_options(options: type[Options], argv: Sequence[str], prog: str, descri
         UserError: an unknown key, a wrong type or an unreadable config file, in one line.
     """
     parser = options_parser(options, prog, description, config_flag)
-    argv = gathered_lists(underscored(argv), list_keys(options))
+    argv = shell_style(underscored(argv), options)
     try:
         namespace = parser.parse_args(argv)
         instantiated = parser.instantiate_classes(namespace)

@@ -10,6 +10,9 @@ Three sources are understood:
   ``model``/``state_dict``) whose keys carry ``module.``/``backbone.`` prefixes and the
   original naming (``pos_embeder``, fused class-attention ``qkv``); timm's XCiT filter
   maps the naming. The architecture must be given (``--arch``).
+
+``random`` stands for a randomly initialised backbone of ``--arch``: the floor against
+which every learned feature is judged.
 """
 
 from __future__ import annotations
@@ -20,14 +23,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.xcit import checkpoint_filter_fn
 from torch import nn
 
 from ssl_xcit.backbones import build_backbone
 from ssl_xcit.errors import UserError
+from ssl_xcit.files import atomic_write
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+RANDOM = "random"  # --checkpoint random: a randomly initialised backbone
 
 
 @dataclass
@@ -107,8 +113,25 @@ def _from_official(path: Path, ckpt: dict[str, Any], which: str, arch: Optional[
     return LoadedBackbone(model, arch, f"{path}:{which}")
 
 
-def load_backbone(path: str | Path, which: str = "teacher", arch: Optional[str] = None) -> LoadedBackbone:
-    """The backbone stored in ``path`` (see the module docstring), in eval mode on the CPU."""
+def random_backbone(arch: Optional[str], seed: int = 0) -> LoadedBackbone:
+    """A randomly initialised ``arch``, the same for the same ``seed`` (the global RNG is left as it was)."""
+    if not arch:
+        raise UserError("--checkpoint random needs --arch (a timm XCiT name, e.g. xcit_nano_12_p8_224)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_backbone(arch, 0.0)
+    return LoadedBackbone(model, arch, f"{RANDOM}:{arch}:seed{seed}")
+
+
+def load_backbone(path: str | Path, which: str = "teacher", arch: Optional[str] = None, seed: int = 0) -> LoadedBackbone:
+    """The backbone stored in ``path`` (see the module docstring), in eval mode on the CPU.
+
+    ``path`` = 'random' gives a randomly initialised ``arch`` seeded by ``seed``.
+    """
+    if str(path) == RANDOM:
+        loaded = random_backbone(arch, seed)
+        loaded.model.eval()
+        return loaded
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--checkpoint: {path} does not exist")
@@ -135,12 +158,7 @@ def export_backbone(loaded: LoadedBackbone, out: str | Path) -> Path:
         timm.create_model(arch, pretrained=True, num_classes=0,
                           pretrained_cfg_overlay=dict(file=out))
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
     meta = {"arch": loaded.arch, "source": loaded.source, "mean": json.dumps(list(loaded.mean)),
             "std": json.dumps(list(loaded.std)), "backbone_kwargs": json.dumps(loaded.extra.get("backbone_kwargs", {}))}
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(out)
-    return out
+    return atomic_write(Path(out), lambda f: f.write(save(state, metadata=meta)))

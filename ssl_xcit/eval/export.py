@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
+from ssl_xcit.devices import default_device
 from ssl_xcit.weights import LoadedBackbone
 from ssl_xcit.eval.feature_store import FeatureStoreWriter
 from ssl_xcit.image_sources import describe
@@ -57,10 +58,6 @@ def embed(model: nn.Module, images: torch.Tensor, variant: Variant = "cls") -> t
         return model(images)
     tokens = model.forward_features(images)  # (B, 1 + N, D)
     return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=-1)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def iter_features(

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ssl_xcit.errors import UserError
+from ssl_xcit.files import atomic_write_json
 
 FEATURES, LABELS, PATHS, META, PROGRESS = "features.npy", "labels.npy", "paths.txt", "meta.json", "progress.json"
 _SCAN_ROWS = 65536  # rows per chunk when scanning a memmap, so the scan stays in bounded memory
@@ -32,15 +33,6 @@ _SCAN_ROWS = 65536  # rows per chunk when scanning a memmap, so the scan stays i
 
 class FeatureError(UserError, ValueError):
     """Bad features, labels or feature store; the message names the culprit."""
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _json_roundtrip(meta: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +118,7 @@ class FeatureStoreWriter:
 
     def _save_progress(self) -> None:
         done = {"rows_done": self._rows_done, "paths_bytes": self._paths_bytes}
-        _write_json_atomic(self.root / PROGRESS, {**self._settings(), **done})
+        atomic_write_json(self.root / PROGRESS, {**self._settings(), **done})
 
     def write(self, start_row: int, features: np.ndarray, labels: np.ndarray, paths: Sequence[str]) -> None:
         """Writes rows ``[start_row, start_row + n)`` and records them as done.
@@ -171,7 +163,7 @@ class FeatureStoreWriter:
         if self._rows_done != self.num_rows:
             raise FeatureError(f"cannot finish {self.root}: {self._rows_done} of {self.num_rows} rows written")
         del self._features, self._labels  # close the memmaps before declaring completion
-        _write_json_atomic(self.root / META, self.meta)
+        atomic_write_json(self.root / META, self.meta)
         (self.root / PROGRESS).unlink()
 
 

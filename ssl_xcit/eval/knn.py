@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 import torch
 
+from ssl_xcit.devices import default_device
 from ssl_xcit.eval.feature_store import FeatureError, validate_train_test
 
 DEFAULT_KS = (10, 20, 100, 200)
@@ -53,7 +54,7 @@ def _search_faiss(bank: np.ndarray, queries: np.ndarray, k: int, device: str | N
 def _search_torch(
     bank: np.ndarray, queries: np.ndarray, k: int, batch_size: int, device: str | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = default_device(device)
     bank_t = torch.from_numpy(bank).to(dev)
     sims, idx = [], []
     for i in range(0, len(queries), batch_size):

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
 
 from ssl_xcit.weights import LoadedBackbone
+from ssl_xcit.eval.knn import true_class_rank
 from ssl_xcit.eval.export import Transformed, embed, eval_transform
 
 
@@ -69,9 +70,9 @@ class LinearEvaluation(pl.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
         logits = self(images)
-        ranked = logits.argsort(dim=-1, descending=True)
+        rank = true_class_rank(logits.float().cpu().numpy(), labels.cpu().numpy())
         for k in self.correct:
-            self.correct[k] += (ranked[:, :k] == labels[:, None]).any(dim=-1).sum().item()
+            self.correct[k] += int((rank < k).sum())
         self.seen += len(labels)
 
     def configure_optimizers(self) -> Any:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ssl_xcit.devices import default_device
 from ssl_xcit.eval.feature_store import FeatureError, validate_train_test
 from ssl_xcit.eval.knn import l2_normalize, true_class_rank
 
@@ -168,7 +169,7 @@ def linear_probe(
     max_label = int(max(train_labels.max(), test_labels.max()))
     if max_label >= num_classes:
         raise FeatureError(f"label {max_label} is out of range for num_classes={num_classes}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = default_device(device)
     x = torch.from_numpy(l2_normalize(train_features)).to(dev)
     y = torch.from_numpy(train_labels.astype(np.int64)).to(dev)
     fit_idx, val_idx = (torch.from_numpy(i).to(dev) for i in stratified_split(train_labels, val_fraction, seed))

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
+from ssl_xcit.devices import default_device
 from ssl_xcit.weights import LoadedBackbone
 from ssl_xcit.eval.feature_store import FeatureStoreWriter, load_feature_store
 from ssl_xcit.eval.export import export_features
@@ -53,7 +54,7 @@ def merge_shards(shard_dirs: list[Path], out_dir: Path, meta: dict[str, Any]) ->
 def export_features_sharded(loaded: LoadedBackbone, source: Dataset, out_dir: Path, **kwargs: Any) -> Path:
     """:func:`export_features` split over the launched processes (one GPU each when there are GPUs)."""
     rank, world, local_rank = launched_world()
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = default_device(local_rank=local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rows = shard_range(len(source), rank, world)  # type: ignore[arg-type]

@@ -24,6 +24,7 @@ import pytorch_lightning as pl
 import submitit
 from lightning_fabric.plugins.environments import LightningEnvironment
 
+from ssl_xcit.compat import submitit_requeue_signal
 from ssl_xcit.pretrain.command import parse_pretrain_args, run_dir as run_dir_of
 
 DEFAULT_MAX_REQUEUES = 20
@@ -113,7 +114,7 @@ class PretrainJob(submitit.helpers.Checkpointable):
         from ssl_xcit.pretrain.run import run_pretraining
 
         env = export_distributed_env()
-        flag = PreemptionFlag(submitit.JobEnvironment._usr_sig())
+        flag = PreemptionFlag(submitit_requeue_signal())
         flag.install()
         parsed = parse_pretrain_args(argv)
         cfg, run_dir = parsed.options, run_dir_of(parsed)

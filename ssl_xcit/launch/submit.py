@@ -10,82 +10,75 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from dataclasses import dataclass, field
+import shutil
+import sys
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import submitit
-from jsonargparse import ArgumentError, ArgumentParser
 
-from ssl_xcit.options import config_name, one_line, parse_pretrain_args
+from ssl_xcit.options import parse_options
+from ssl_xcit.pretrain.command import parse_pretrain_args, run_dir as run_dir_of
 from ssl_xcit.pretrain.config import PretrainConfig
+from ssl_xcit.compat import slurm_script
 from ssl_xcit.errors import UserError
 from ssl_xcit.launch.job import DEFAULT_MAX_REQUEUES, PretrainJob
+from ssl_xcit.launch.slurm_info import partition_warning, wait_printing_pending_reason
 from ssl_xcit.pretrain.schedules import scaled_lr
 
 
 @dataclass
 class SubmitOptions:
-    """Where and how the job runs."""
+    """Where and how the job runs (a cluster profile in launch/*.yaml holds any of these)."""
 
-    cluster: str = "slurm"
+    cluster: Literal["slurm", "local", "debug"] = "slurm"
+    """slurm, local (submitit's local executor) or debug (in this process)."""
     nodes: int = 1
+    """Nodes of the job."""
     gpus_per_node: int = 8
+    """GPUs (= DDP processes) per node; 0 makes a CPU job (gloo)."""
     tasks_per_node: Optional[int] = None
+    """Processes per node of a CPU job (default 1); always = GPUs on GPU jobs."""
     partition: Optional[str] = None
+    """SLURM partition."""
     time: str = "72:00:00"
+    """Time limit HH:MM:SS (or D-HH:MM:SS)."""
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
     mem_gb: Optional[int] = None
-    cpus_per_task: int = 10
+    """Memory per node in GB (default: the partition's)."""
+    cpus_per_task: Optional[int] = None
+    """CPUs per task; default 10 per GPU task (DINO's), data.num_workers + 1 for a CPU task."""
     exclude: Optional[str] = None
+    """Nodes to avoid."""
     job_dir: Optional[str] = None
+    """submitit's folder for scripts and logs (default <run.dir>/submitit)."""
     signal_delay_s: int = 120
+    """Seconds before the time limit at which SLURM signals the job to checkpoint."""
     max_requeues: int = DEFAULT_MAX_REQUEUES
+    """Pre-emptions/time-outs after which the job is not requeued again."""
     dry_run: bool = False
+    """Validate, print the SLURM script and submit nothing (needs no SLURM on this machine)."""
     wait: bool = False
+    """Block until the jobs end (printing why a job is pending) and print their results."""
     sweep: list[str] = field(default_factory=list)
-
-
-def _submit_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="ssl-xcit submit", exit_on_error=False,
-                       description="Run `ssl-xcit pretrain` on a SLURM cluster through submitit.")
-    helps = {
-        "cluster": "slurm (default), local (submitit's local executor) or debug (in this process)",
-        "gpus_per_node": "GPUs (= DDP processes) per node; 0 makes a CPU job (gloo)",
-        "tasks_per_node": "processes per node of a CPU job (default 1); always = GPUs on GPU jobs",
-        "time": "time limit HH:MM:SS (or D-HH:MM:SS)",
-        "signal_delay_s": "seconds before the time limit at which SLURM signals the job to checkpoint",
-        "max_requeues": "pre-emptions/time-outs after which the job is not requeued again",
-        "dry_run": "validate, print the SLURM script and submit nothing",
-        "wait": "block until the jobs end and print their results",
-        "sweep": "KEY=V1,V2,... : one job per value (a job array); repeat for a grid",
-        "job_dir": "submitit's folder for scripts and logs (default <run.dir>/submitit)",
-    }
-    for name, default in SubmitOptions().__dict__.items():
-        flag = "--" + name.replace("_", "-")
-        kind = type(default) if default is not None else Optional[str]
-        if name in ("tasks_per_node", "mem_gb"):
-            kind = Optional[int]
-        if name == "sweep":
-            p.add_argument(flag, type=str, action="append", default=[], help=helps[name])
-        elif isinstance(default, bool):
-            p.add_argument(flag, action="store_true", help=helps.get(name))
-        else:
-            p.add_argument(flag, type=kind, default=default, help=helps.get(name, name.replace("_", " ")))
-    return p
+    """KEY=V1,V2,... : one job per value (a job array); repeat for a grid."""
 
 
 def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(this command's options, the pretraining arguments)."""
-    own_flags = {"--" + n.replace("_", "-") for n in SubmitOptions().__dict__}
-    bool_flags = {"--dry-run", "--wait"}
+    """(this command's options and --launch profiles, the pretraining arguments)."""
+    own_flags = {"--" + f.name for f in fields(SubmitOptions)} | {"--launch", "--print_config"}
+    bool_flags = {"--dry_run", "--wait", "--print_config"}
     own, rest, i = [], [], 0
     while i < len(argv):
         token = argv[i]
-        name = token.split("=", 1)[0]
-        if name in own_flags:
+        name = "--" + token.split("=", 1)[0][2:].replace("-", "_") if token.startswith("--") else token
+        if token in ("-h", "--help"):  # this command's help; `ssl-xcit pretrain --help` lists the rest
+            own.append(token)
+            i += 1
+        elif name in own_flags:
             takes_value = name not in bool_flags and "=" not in token
             own += argv[i:i + 1 + takes_value]
             i += 1 + takes_value
@@ -163,43 +156,54 @@ def _check_writable(run_dir: Path) -> None:
         raise UserError(f"run.dir: {run_dir} is not writable ({existing} does not accept files)")
 
 
-def build_executor(opts: SubmitOptions, job_dir: Path, array: int) -> submitit.AutoExecutor:
-    executor = submitit.AutoExecutor(folder=str(job_dir / "%j"), cluster=opts.cluster)
-    gpu = opts.gpus_per_node > 0
-    params = dict(name="ssl-xcit", nodes=opts.nodes, tasks_per_node=opts.gpus_per_node if gpu else (opts.tasks_per_node or 1),
-                  cpus_per_task=opts.cpus_per_task, timeout_min=parse_time_minutes(opts.time))
-    if gpu:
-        params["gpus_per_node"] = opts.gpus_per_node
-    if opts.mem_gb:
-        params["mem_gb"] = opts.mem_gb
-    slurm = {"slurm_partition": opts.partition, "slurm_account": opts.account, "slurm_qos": opts.qos,
-             "slurm_constraint": opts.constraint, "slurm_exclude": opts.exclude,
-             "slurm_signal_delay_s": opts.signal_delay_s, "slurm_array_parallelism": array,
-             # clusters may default to JobRequeue=0, which refuses submitit's `scontrol requeue`
-             "slurm_additional_parameters": {"requeue": True}}
-    params.update({k: v for k, v in slurm.items() if v is not None})
-    executor.update_parameters(**params)
+def cpus_per_task(opts: SubmitOptions, cfg: PretrainConfig) -> int:
+    """The CPUs a task asks for: as given, else 10 per GPU task (DINO's), else what a CPU
+    task uses (its own process plus its data-loading workers)."""
+    if opts.cpus_per_task is not None:
+        return opts.cpus_per_task
+    return 10 if opts.gpus_per_node > 0 else cfg.data.num_workers + 1
+
+
+def tasks_per_node(opts: SubmitOptions) -> int:
+    return opts.gpus_per_node if opts.gpus_per_node > 0 else (opts.tasks_per_node or 1)
+
+
+def slurm_parameters(opts: SubmitOptions, cpus: int, array: int) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters of the job (the same for a submission and a dry run)."""
+    params: dict[str, Any] = dict(
+        job_name="ssl-xcit", nodes=opts.nodes, ntasks_per_node=tasks_per_node(opts), cpus_per_task=cpus,
+        time=parse_time_minutes(opts.time), signal_delay_s=opts.signal_delay_s, array_parallelism=array,
+        partition=opts.partition, account=opts.account, qos=opts.qos, constraint=opts.constraint,
+        exclude=opts.exclude, gpus_per_node=opts.gpus_per_node or None,
+        mem=f"{opts.mem_gb}GB" if opts.mem_gb else None,
+        additional_parameters={"requeue": True},  # clusters may default to JobRequeue=0, refusing `scontrol requeue`
+    )
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def build_executor(opts: SubmitOptions, job_dir: Path, cpus: int, array: int) -> submitit.Executor:
+    folder = job_dir / "%j"
+    if opts.cluster == "slurm":
+        missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+        if missing:
+            raise UserError(f"--cluster slurm: {' and '.join(missing)} not found on PATH: this machine is no SLURM "
+                            "submission host (--dry-run renders the script anywhere; --cluster local runs here)")
+        executor: submitit.Executor = submitit.SlurmExecutor(folder=folder)
+        executor.update_parameters(**slurm_parameters(opts, cpus, array))
+        return executor
+    executor = submitit.AutoExecutor(folder=folder, cluster=opts.cluster)
+    params = dict(name="ssl-xcit", nodes=opts.nodes, tasks_per_node=tasks_per_node(opts), cpus_per_task=cpus,
+                  timeout_min=parse_time_minutes(opts.time))
+    executor.update_parameters(**params, **({"gpus_per_node": opts.gpus_per_node} if opts.gpus_per_node else {}))
     return executor
-
-
-def sbatch_script(executor: submitit.AutoExecutor) -> str:
-    """The SLURM script submitit would submit for this executor."""
-    from submitit.slurm.slurm import SlurmExecutor
-
-    inner = executor._executor
-    if not isinstance(inner, SlurmExecutor):
-        return f"(cluster {executor.cluster}: no SLURM script)"
-    return inner._make_submission_file_text("python -u -m submitit.core._submit " + str(inner.folder), "UID")
 
 
 def parse_submit_args(argv: Sequence[str]) -> tuple[SubmitOptions, list[str]]:
     """(cluster options, the pretraining arguments with the cluster's trainer settings)."""
     own, pretrain_argv = split_argv(argv)
-    try:
-        namespace = _submit_parser().parse_args(own)
-    except ArgumentError as err:
-        raise UserError(one_line(err)) from err
-    opts = SubmitOptions(**{k: v for k, v in vars(namespace).items() if k != "__path__"})
+    opts = parse_options(SubmitOptions, own, "ssl-xcit submit", "Run `ssl-xcit pretrain` on a SLURM cluster through "
+                         "submitit: --launch launch/PROFILE.yaml --config configs/RECIPE.yaml [overrides]",
+                         config_flag="--launch").options
     return opts, list(pretrain_argv) + cluster_overrides(opts)
 
 
@@ -207,18 +211,27 @@ def submit_jobs(argv: Sequence[str]) -> list[submitit.Job]:
     """Validate, print what will run, and submit (nothing on --dry-run, which prints the script)."""
     opts, pretrain_argv = parse_submit_args(argv)
     argvs = sweep_argvs(pretrain_argv, opts.sweep)
-    run_dirs = []
+    run_dirs, cfg = [], None
     for job_argv in argvs:
-        cfg, namespace, _ = parse_pretrain_args(job_argv)
-        run_dir = Path(cfg.run.dir or Path("runs") / config_name(namespace)).absolute()
+        parsed = parse_pretrain_args(job_argv)
+        cfg, run_dir = parsed.options, run_dir_of(parsed).absolute()
         print("\n".join(validate(cfg, run_dir, opts)))
         run_dirs.append(run_dir)
     if len(set(run_dirs)) < len(run_dirs):
         raise UserError("--sweep: the jobs share a run folder; add --run.dir to the swept keys or vary it")
-    executor = build_executor(opts, Path(opts.job_dir or run_dirs[0] / "submitit").absolute(), len(argvs))
+    assert cfg is not None
+    cpus = cpus_per_task(opts, cfg)
+    job_dir = Path(opts.job_dir or run_dirs[0] / "submitit").absolute()
+    if opts.cluster == "slurm":
+        warning = partition_warning(opts.partition, opts.nodes, tasks_per_node(opts) * cpus, opts.mem_gb,
+                                    opts.gpus_per_node)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     if opts.dry_run:
-        print(sbatch_script(executor))
+        print(slurm_script(job_dir / "%j", slurm_parameters(opts, cpus, len(argvs))) if opts.cluster == "slurm"
+              else f"(cluster {opts.cluster}: no SLURM script)")
         return []
+    executor = build_executor(opts, job_dir, cpus, len(argvs))
     job_argvs = [[os.path.abspath(a) if a.endswith((".yaml", ".yml")) else a for a in av] for av in argvs]
     job = PretrainJob(opts.max_requeues)
     jobs = executor.map_array(job, job_argvs) if len(argvs) > 1 else [executor.submit(job, job_argvs[0])]
@@ -226,6 +239,7 @@ def submit_jobs(argv: Sequence[str]) -> list[submitit.Job]:
         print(f"submitted job {submitted.job_id}: logs {submitted.paths.stdout} (and .err), run folder {run_dir}")
     if opts.wait or opts.cluster == "debug":
         for submitted in jobs:
+            wait_printing_pending_reason(submitted)
             print(f"job {submitted.job_id}: {submitted.results()[0]}")  # rank 0 speaks for multi-task jobs
     return jobs
 

@@ -2,35 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import pytorch_lightning as pl
-import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from ssl_xcit.files import atomic_torch_save
+
 LAST = "last.ckpt"
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` into a temporary file beside ``path``, fsync, then rename over it.
-
-    A reader (or a resumed job) sees either the previous complete file or the new one,
-    even if the process is killed mid-write.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -44,14 +24,6 @@ def last_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
     """``checkpoint_dir/last.ckpt`` if it exists."""
     path = checkpoint_dir / LAST
     return path if path.is_file() else None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class LastCheckpoint(pl.Callback):

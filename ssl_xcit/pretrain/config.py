@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
 
 @dataclass
 class ModelConfig:
@@ -85,9 +87,9 @@ class AugmentConfig:
     blur_p_local: float = 0.5
     solarize_p_global2: float = 0.2
     """Solarisation probability of global crop 2 only."""
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
     """Normalisation mean (ImageNet's; set the dataset's own for others)."""
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
 
 
 @dataclass

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ssl_xcit.pretrain.augment import MultiCropAugmentation
 from ssl_xcit.pretrain.config import AugmentConfig, DataConfig
+from ssl_xcit.compat import batches_done
 from ssl_xcit.errors import UserError
 from ssl_xcit.pretrain.sampler import ResumableDistributedSampler
 from ssl_xcit.image_sources import build_source
@@ -90,8 +91,7 @@ class PretrainDataModule(pl.LightningDataModule):
         Checkpoints are written from ``on_train_batch_end`` (the batch is processed but not
         yet counted as completed) or at the epoch end, so ``processed`` is the count.
         """
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": self.trainer.current_epoch, "batches_done": progress.processed}
+        return {"epoch": self.trainer.current_epoch, "batches_done": batches_done(self.trainer)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume_position = (state["epoch"], state["batches_done"])

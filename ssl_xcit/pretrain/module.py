@@ -18,6 +18,7 @@ import torch
 from ssl_xcit.pretrain import rng_state as rng
 from ssl_xcit.backbones import MultiCropNet, build_backbone, patch_size
 from ssl_xcit.pretrain.config import PretrainConfig
+from ssl_xcit.compat import grad_scaler
 from ssl_xcit.errors import UserError
 from ssl_xcit.pretrain.head import DINOHead
 from ssl_xcit.pretrain.loss import DINOLoss
@@ -147,7 +148,7 @@ class DINOModule(pl.LightningModule):
             clip_gradients_per_tensor(self._student_params, self.cfg.optim.clip_grad)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scaler = grad_scaler(self.trainer)
         scale_before = scaler.get_scale() if scaler is not None else None
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         stepped = not self._skip_update and (scaler is None or scaler.get_scale() >= scale_before)

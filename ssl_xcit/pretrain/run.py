@@ -13,7 +13,8 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
-from ssl_xcit.pretrain.checkpointing import LAST, AtomicCheckpointIO, LastCheckpoint, atomic_write_text, last_checkpoint
+from ssl_xcit.files import atomic_write_text
+from ssl_xcit.pretrain.checkpointing import LAST, AtomicCheckpointIO, LastCheckpoint, last_checkpoint
 from ssl_xcit.pretrain.config import PretrainConfig
 from ssl_xcit.pretrain.data import PretrainDataModule
 from ssl_xcit.errors import UserError

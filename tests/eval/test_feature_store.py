@@ -56,7 +56,7 @@ def test_resume_after_interruption_equals_uninterrupted_write(tmp_path, monkeypa
     _finished_store(tmp_path / "clean")
 
     # Crash while recording the third chunk: its data and paths are on disk, its progress is not.
-    real_write_json = fs._write_json_atomic
+    real_write_json = fs.atomic_write_json
     calls = []
 
     def crash_on_third_chunk(path, payload):
@@ -65,12 +65,12 @@ def test_resume_after_interruption_equals_uninterrupted_write(tmp_path, monkeypa
             raise KeyboardInterrupt
         real_write_json(path, payload)
 
-    monkeypatch.setattr(fs, "_write_json_atomic", crash_on_third_chunk)
+    monkeypatch.setattr(fs, "atomic_write_json", crash_on_third_chunk)
     writer = FeatureStoreWriter(tmp_path / "resumed", N, D, META)
     with pytest.raises(KeyboardInterrupt):
         _write_all(writer, features, labels, paths)
     del writer
-    monkeypatch.setattr(fs, "_write_json_atomic", real_write_json)
+    monkeypatch.setattr(fs, "atomic_write_json", real_write_json)
     assert len((tmp_path / "resumed" / "paths.txt").read_text().splitlines()) == N  # the unrecorded chunk's paths
     # Tear the unrecorded chunk, as a crash in mid-write would.
     torn = np.load(tmp_path / "resumed" / "features.npy", mmap_mode="r+")

@@ -110,3 +110,34 @@ def test_sweep_runs_a_job_array(tmp_path):
     for name in ("a", "b"):
         ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
         assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["config"]["optim"]["lr"] == 0.001
+
+
+def test_submit_without_slurm_is_one_line_naming_what_is_missing(cifar_slice, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no srun
+    args = tiny_pretrain_args(str(cifar_slice), tmp_path / "run", data__batch_size_per_device="4")
+    assert main(["submit", *args, "--gpus-per-node", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sbatch and srun not found" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_launch_profile_and_recipe_dry_run(cifar_slice, tmp_path, capsys, monkeypatch):
+    from tests.helpers import REPO
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # renders without SLURM
+    args = tiny_pretrain_args(str(cifar_slice), tmp_path / "run", data__batch_size_per_device="4")
+    assert main(["submit", "--launch", str(REPO / "launch" / "cpu_test.yaml"), *args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # the profile's 2 CPU tasks; each asks for its process + the recipe's 0 loader workers
+    for line in ("#SBATCH --ntasks-per-node=2", "#SBATCH --cpus-per-task=1", "#SBATCH --time=30", "world size 2"):
+        assert line in out, line
+
+
+def test_cpu_tasks_ask_for_their_workers_and_gpu_tasks_for_ten(cifar_slice, tmp_path):
+    from ssl_xcit.launch.submit import cpus_per_task
+    from ssl_xcit.pretrain.command import parse_pretrain_args
+
+    cfg = parse_pretrain_args(tiny_pretrain_args(str(cifar_slice), tmp_path, data__num_workers="3"))[0]
+    assert cpus_per_task(SubmitOptions(gpus_per_node=0), cfg) == 4
+    assert cpus_per_task(SubmitOptions(gpus_per_node=8), cfg) == 10
+    assert cpus_per_task(SubmitOptions(gpus_per_node=0, cpus_per_task=2), cfg) == 2

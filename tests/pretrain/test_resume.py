@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from tests.helpers import tiny_pretrain_args
-from ssl_xcit.pretrain.checkpointing import atomic_torch_save
+from ssl_xcit.files import atomic_torch_save
 from ssl_xcit.cli import main
 from ssl_xcit.pretrain.command import parse_pretrain_args
 from ssl_xcit.launch.job import PreemptionFlag, StopOnPreemption

@@ -1,0 +1,129 @@
+"""The options of ``ssl-xcit export | export-backbone | knn | linear``, one typed dataclass each.
+
+The commands share groups of options by inheritance (which backbone, how images become
+features, where the feature stores come from), so a key means the same in every command
+and an evaluation protocol in ``eval/*.yaml`` is a plain file of these keys.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from ssl_xcit.eval.knn import DEFAULT_KS
+from ssl_xcit.eval.linear_grid import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS
+
+
+@dataclass
+class BackboneOptions:
+    """Which backbone to evaluate."""
+
+    checkpoint: Optional[str] = None
+    """An ssl-xcit .ckpt, an exported .safetensors, an official DINO/XCiT .pth, or 'random':
+    a randomly initialised --arch (the floor every learned feature must beat)."""
+    which: Literal["teacher", "student"] = "teacher"
+    """Network of an ssl-xcit or official checkpoint (DINO evaluates the teacher)."""
+    arch: Optional[str] = None
+    """timm XCiT name; needed for official checkpoints and for 'random'."""
+    init_seed: int = 0
+    """Seed of --checkpoint random's initialisation (same seed, same features)."""
+
+
+@dataclass
+class TransformOptions:
+    """How images become features: DINO's evaluation transform and the pooled feature."""
+
+    resize: int = 256
+    """Short side before the centre crop (bicubic); e.g. --resize 32 --crop 32 for CIFAR."""
+    crop: int = 224
+    """Side of the centre crop."""
+    mean: Optional[tuple[float, float, float]] = None
+    """Normalisation mean; default: the checkpoint's training normalisation (ImageNet's when it has none)."""
+    std: Optional[tuple[float, float, float]] = None
+    """Normalisation std; default: as for mean."""
+    variant: Literal["cls", "cls+avgpool"] = "cls"
+    """cls: the class token (DINO's feature); cls+avgpool: class token + mean patch token."""
+    batch_size: int = 256
+    """Images per forward pass."""
+    num_workers: int = min(4, os.cpu_count() or 1)
+    """Data-loading processes."""
+    cache_dir: str = "~/.cache/ssl-xcit"
+    """Where archives are extracted."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class ProtocolOptions(TransformOptions):
+    """An evaluation protocol (a file in eval/): every evaluation command reads all of these
+    keys, so one file serves export, knn and linear alike; each command uses its own."""
+
+    k: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
+    """knn: neighbour counts; one search at the largest serves them all."""
+    temperature: float = 0.07
+    """knn: vote weight exp(cosine similarity / temperature)."""
+    backend: Literal["faiss", "torch"] = "faiss"
+    """knn: faiss (a GPU index when available) or torch (chunked matmul + top-k)."""
+    protocol: Literal["fast", "dino"] = "fast"
+    """linear: fast, a grid of heads on feature stores chosen on a validation split; dino, a
+    linear layer on the frozen backbone trained through RandomResizedCrop + flip (the paper's)."""
+    lrs: list[float] = field(default_factory=lambda: list(DEFAULT_LRS))
+    """linear fast: learning rates of the grid."""
+    weight_decays: list[float] = field(default_factory=lambda: list(DEFAULT_WEIGHT_DECAYS))
+    """linear fast: weight decays of the grid."""
+    epochs: int = 100
+    """linear: passes over the training set."""
+    val_fraction: float = 0.1
+    """linear fast: share of the training set held out (per class) to choose the head."""
+    seed: int = 0
+    """linear: seeds the validation split and the heads' initialisation."""
+    base_lr: float = 0.001
+    """linear dino: lr at batch 256, scaled linearly with the batch."""
+
+
+@dataclass
+class ExportOptions(ProtocolOptions, BackboneOptions):
+    """ssl-xcit export: frozen features of a backbone over a labelled dataset."""
+
+    data: Optional[str] = None
+    """Labelled images: an ImageFolder directory, a .tar.gz of one, or cifar10 (required)."""
+    split: Optional[str] = None
+    """Sub-folder, e.g. train; a list such as val,test takes the first that exists."""
+    max_images: Optional[int] = None
+    """Use a fixed random subset of this many images."""
+    out: Optional[str] = None
+    """Feature store folder to write (required)."""
+
+
+@dataclass
+class ExportBackboneOptions(BackboneOptions):
+    """ssl-xcit export-backbone: the backbone as safetensors that timm.create_model loads."""
+
+    out: Optional[str] = None
+    """Output .safetensors file (required)."""
+
+
+@dataclass
+class EvaluateOptions(ProtocolOptions, BackboneOptions):
+    """ssl-xcit knn | linear: two feature stores (--train, --test), or a checkpoint and images to
+    export them from, evaluated by the protocol's k-NN or linear probe."""
+
+    train: Optional[str] = None
+    """Training feature store (the k-NN bank, the probe's training set)."""
+    test: Optional[str] = None
+    """Test feature store."""
+    train_data: Optional[str] = None
+    """Labelled training images, exported on the fly with --checkpoint."""
+    train_split: Optional[str] = None
+    """Default: train when present."""
+    test_data: Optional[str] = None
+    """Labelled test images; default: --train-data."""
+    test_split: Optional[str] = None
+    """Default: val or test when present."""
+    max_train_images: Optional[int] = None
+    max_test_images: Optional[int] = None
+    features_dir: str = "~/.cache/ssl-xcit/features"
+    """Where on-the-fly feature stores are kept (and resumed, and reused)."""
+    out: Optional[str] = None
+    """Write the JSON report here."""

@@ -1,0 +1,56 @@
+"""The private APIs ssl-xcit touches (ssl_xcit/compat.py) still exist and mean what we use them for.
+
+A failure here after an upgrade of submitit or Lightning says which private API moved:
+mend ssl_xcit/compat.py, never the callers.
+"""
+
+import signal
+
+import pytorch_lightning as pl
+import torch
+
+from ssl_xcit import compat
+
+
+def test_submitit_requeue_signal_is_usr2_by_default(monkeypatch):
+    monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
+    assert compat.submitit_requeue_signal() == signal.SIGUSR2
+
+
+def test_slurm_script_renders_without_slurm_installed(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun, no sbatch
+    script = compat.slurm_script(tmp_path / "%j", {"nodes": 2, "ntasks_per_node": 8, "gpus_per_node": 8,
+                                                   "time": 90, "signal_delay_s": 120,
+                                                   "additional_parameters": {"requeue": True}})
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --time=90", "#SBATCH --signal=USR2@120", "#SBATCH --requeue"):
+        assert line in script, line
+
+
+class _Record(pl.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append((batch_idx, compat.batches_done(trainer), compat.grad_scaler(trainer)))
+
+
+class _Tiny(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_batches_done_counts_the_batch_in_progress_and_no_scaler_in_fp32(tmp_path):
+    record = _Record()
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[record], default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(_Tiny(), torch.utils.data.DataLoader(torch.randn(3, 2), batch_size=1))
+    assert [(i, done) for i, done, _ in record.seen] == [(0, 1), (1, 2), (2, 3)]
+    assert all(scaler is None for _, _, scaler in record.seen)
