@@ -57,10 +57,8 @@ def saturation(x: torch.Tensor, factor: torch.Tensor, dim: int = -3) -> torch.Te
 
 
 def hue(x: torch.Tensor, shift: torch.Tensor, dim: int = -3) -> torch.Tensor:
-    """Rotate the HSV hue by ``shift`` turns, keeping V (max) and C (max − min): the HSV→RGB
-    formula ``V − C·f(k)``, ``f(k) = clamp(min(k, 4 − k), 0, 1)`` of ``k = (n + 6H) mod 6``,
-    n = 5, 3, 1 for R, G, B. With 6H wrapped into [0, 6), ``k`` lies in [1, 11), where
-    ``f(k mod 6) = f(k) + f(k − 6)``."""
+    """Rotate the HSV hue H by ``shift`` turns, keeping V (max) and C (max − min): the output
+    is ``min + C·pure(H)``, ``pure`` the fully saturated colour of hue H, rounded."""
     r, g, b = x.split(1, dim)
     maxc = torch.maximum(torch.maximum(r, g), b)
     chroma = maxc - torch.minimum(torch.minimum(r, g), b)
@@ -68,13 +66,13 @@ def hue(x: torch.Tensor, shift: torch.Tensor, dim: int = -3) -> torch.Tensor:
     h = torch.where(maxc == r, g - b, torch.where(maxc == g, (b - r).add_(chroma * 2), (r - g).add_(chroma * 4)))
     h = h.mul_(inv).add_(shift * 6.0)
     h.sub_(torch.floor(h * (1.0 / 6.0)).mul_(6.0))
+    # pure-hue RGB in [0, 1]: R = clamp(|6H − 3| − 1), G = clamp(2 − |6H − 2|), B = clamp(2 − |6H − 4|)
     shape = [1] * x.dim()
     shape[dim] = 3
-    k = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(shape) + h
-    t = torch.minimum(k, 4.0 - k).clamp_(0, 1)
-    k6 = k - 6.0
-    t.add_(torch.minimum(k6, 4.0 - k6).clamp_(0, 1))
-    return torch.floor_(t.mul_(-chroma).add_(maxc).add_(0.5))
+    consts = torch.tensor([[3.0, 2.0, 4.0], [1.0, -1.0, -1.0], [-1.0, 2.0, 2.0]], device=x.device)
+    center, sign, offset = (c.view(shape) for c in consts)
+    pure = (h - center).abs_().mul_(sign).add_(offset).clamp_(0, 1)
+    return torch.floor_(pure.mul_(chroma).add_(maxc - chroma + 0.5))
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -93,9 +91,9 @@ def _blur_1d(x: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.Tensor:
     pad = (radius, radius, 0, 0) if dim == -1 else (0, 0, radius, radius)
     padded = F.pad(x, pad, mode="replicate")
     w = weight.view(weight.shape[0], weight.shape[1], 1, 1, 1).unbind(1)
-    out = padded.narrow(dim, 0, size) * w[0]
-    for i in range(1, len(w)):
-        out.add_(padded.narrow(dim, i, size) * w[i])
+    out = padded.narrow(dim, radius, size) * w[radius]
+    for i in range(radius):  # symmetric taps: one product per pair
+        out.add_((padded.narrow(dim, i, size) + padded.narrow(dim, 2 * radius - i, size)).mul_(w[i]))
     return out
 
 
@@ -123,9 +121,10 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], dim:
     """0..255 floats → (x/255 − mean)/std, statistics along ``dim``."""
     shape = [1] * x.dim()
     shape[dim] = 3
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(shape)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(shape)
-    return (x / 255.0 - m) / s
+    m = torch.tensor(mean, dtype=torch.float64).view(shape)
+    s = torch.tensor(std, dtype=torch.float64).view(shape)
+    scale, shift = (1 / (255 * s)).float().to(x.device), (-m / s).float().to(x.device)
+    return torch.addcmul(shift, x, scale)
 
 
 def _apply(x: torch.Tensor, rows: torch.Tensor, fn) -> None:
