@@ -88,6 +88,9 @@ class AugmentConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     """Normalisation mean (ImageNet's; set the dataset's own for others)."""
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    device: Literal["workers", "train"] = "workers"
+    """Where colour jitter, grayscale, blur, solarize and normalisation run: in the data-loader
+    workers, or batched on the training device (workers then only decode, crop and flip)."""
 
 
 @dataclass
