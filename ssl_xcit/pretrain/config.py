@@ -90,6 +90,9 @@ class AugmentConfig:
     mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
     """Normalisation mean (ImageNet's; set the dataset's own for others)."""
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+    device: Literal["workers", "train"] = "workers"
+    """Where colour jitter, grayscale, blur, solarize and normalisation run: in the data-loader
+    workers, or batched on the training device (workers then only decode, crop and flip)."""
 
 
 @dataclass

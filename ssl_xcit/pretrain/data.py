@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.datasets import ImageFolder
 
 from ssl_xcit.pretrain.augment import MultiCropAugmentation
 from ssl_xcit.pretrain.config import AugmentConfig, DataConfig
@@ -17,22 +18,32 @@ from ssl_xcit.image_sources import build_source
 
 
 class MultiCropDataset(Dataset):
-    """``(index, seed)`` → the list of crops of image ``index``, drawn with RNG seeded by ``seed``."""
+    """``(index, seed)`` → the crops of image ``index``, every random choice drawn from ``seed``.
 
-    def __init__(self, source: Dataset, augmentation: MultiCropAugmentation) -> None:
-        self.source, self.augmentation = source, augmentation
+    ``on_device``: uint8 crops (cut, resized, flipped) and their colour parameters,
+    ``{"crops", "params"}``, which the module finishes on the training device.
+    """
+
+    def __init__(self, source: Dataset, augmentation: MultiCropAugmentation, on_device: bool = False) -> None:
+        self.source, self.augmentation, self.on_device = source, augmentation, on_device
 
     def __len__(self) -> int:
         return len(self.source)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> list[torch.Tensor]:
+    def _image(self, index: int) -> Any:
+        """The file path of an image-folder source (decoded by the augmentation, at reduced
+        size where the crops allow), else the source's decoded image."""
+        source = self.source
+        while isinstance(source, Subset):
+            source, index = source.dataset, source.indices[index]
+        if isinstance(source, ImageFolder):
+            return source.samples[index][0]
+        return source[index][0]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
-        image, _ = self.source[index]
-        # torchvision's random transforms draw from the global RNG: seed it for this sample
-        # only, leaving the process's own stream (drop path) untouched
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.augmentation(image)
+        image = self._image(index)
+        return self.augmentation.geometric(image, seed) if self.on_device else self.augmentation(image, seed)
 
 
 class PretrainDataModule(pl.LightningDataModule):
@@ -56,7 +67,8 @@ class PretrainDataModule(pl.LightningDataModule):
                 self.cfg.synthetic_size,
                 self.cfg.synthetic_resolution,
             )
-            self.dataset = MultiCropDataset(source, MultiCropAugmentation(self.augment_cfg))
+            self.dataset = MultiCropDataset(source, MultiCropAugmentation(self.augment_cfg),
+                                            on_device=self.augment_cfg.device == "train")
 
     def train_dataloader(self) -> DataLoader:
         assert self.dataset is not None, "setup() must run first"

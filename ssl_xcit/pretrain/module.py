@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 
 from ssl_xcit.pretrain import rng_state as rng
+from ssl_xcit.pretrain.augment import color_on_device
 from ssl_xcit.backbones import MultiCropNet, build_backbone, patch_size
 from ssl_xcit.pretrain.config import PretrainConfig
 from ssl_xcit.compat import grad_scaler
@@ -104,6 +105,12 @@ class DINOModule(pl.LightningModule):
         )
 
     # -- one step -----------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """augment.device=train: uint8 crops + colour parameters → normalised float crops."""
+        if isinstance(batch, dict) and "params" in batch:
+            return color_on_device(batch, self.cfg.augment)
+        return batch
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         assert self.schedules is not None
         self._values = values = self.schedules.at(self.global_step)

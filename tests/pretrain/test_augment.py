@@ -1,56 +1,64 @@
-import torch
-from torchvision.transforms import v2
+import colorsys
+import math
 
-from ssl_xcit.pretrain.augment import MultiCropAugmentation
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+from torch.utils.data import default_collate
+from torchvision.transforms.v2 import functional as TF
+
+from ssl_xcit.pretrain import augment_ops as ops
+from ssl_xcit.pretrain.augment import MultiCropAugmentation, color_on_device
+from ssl_xcit.pretrain.augment_params import RATIO, sample_crops
 from ssl_xcit.pretrain.config import AugmentConfig
 
-
-def _image(size=48, channels=3):
-    return torch.randint(0, 256, (channels, size, size), dtype=torch.uint8)
+SMALL = dict(global_crops_size=32, local_crops_size=16, local_crops_number=6)
 
 
-def test_crop_counts_sizes_and_dtype():
-    aug = MultiCropAugmentation(AugmentConfig(global_crops_size=32, local_crops_size=16, local_crops_number=6))
-    crops = aug(_image())
+def _image(size=48, channels=3, seed=0):
+    return torch.randint(0, 256, (channels, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def _unnormalise(crop, cfg):
+    return crop * torch.tensor(cfg.std).view(3, 1, 1) + torch.tensor(cfg.mean).view(3, 1, 1)
+
+
+def _on_device(aug, samples):
+    return color_on_device(default_collate([aug.geometric(image, seed) for image, seed in samples]), aug.cfg)
+
+
+# -- outputs ------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["workers", "train"])
+def test_crop_counts_sizes_dtype_and_range(path):
+    cfg = AugmentConfig(**SMALL)
+    aug = MultiCropAugmentation(cfg)
+    crops = aug(_image(), 1) if path == "workers" else [c[0] for c in _on_device(aug, [(_image(), 1)])]
     assert len(crops) == aug.n_crops == 8
     assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 6
     assert all(c.dtype == torch.float32 and torch.isfinite(c).all() for c in crops)
+    for c in crops:  # normalised from [0, 1]
+        pixels = _unnormalise(c, cfg)
+        assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+
+
+def test_worker_share_of_the_device_path_is_uint8_crops_and_parameter_rows():
+    out = MultiCropAugmentation(AugmentConfig(**SMALL)).geometric(_image(), 1)
+    assert [tuple(c.shape) for c in out["crops"]] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 6
+    assert all(c.dtype == torch.uint8 for c in out["crops"])
+    assert out["params"].shape == (8, ops.N_COLS)
 
 
 def test_grayscale_input_becomes_rgb():
-    crops = MultiCropAugmentation(AugmentConfig(global_crops_size=32, local_crops_size=16))(_image(channels=1))
+    crops = MultiCropAugmentation(AugmentConfig(**SMALL))(_image(channels=1), 0)
     assert crops[0].shape[0] == 3
 
 
-def test_same_seed_same_crops():
-    aug = MultiCropAugmentation(AugmentConfig(global_crops_size=32, local_crops_size=16, local_crops_number=2))
-    image = _image()
-    torch.manual_seed(3)
-    a = aug(image)
-    torch.manual_seed(3)
-    b = aug(image)
+def test_same_seed_same_crops_other_seed_other_crops():
+    aug = MultiCropAugmentation(AugmentConfig(**SMALL))
+    a, b, c = aug(_image(), 3), aug(_image(), 3), aug(_image(), 4)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-
-
-def _kinds(pipeline):
-    out = []
-    for t in pipeline.transforms:
-        out.append((type(t).__name__, t.p if isinstance(t, v2.RandomApply) else getattr(t, "p", None)))
-        if isinstance(t, v2.RandomApply):
-            out.append((type(t.transforms[0]).__name__, None))
-    return out
-
-
-def test_dino_probabilities_per_crop():
-    aug = MultiCropAugmentation(AugmentConfig())
-    g1, g2, local = _kinds(aug.global1), _kinds(aug.global2), _kinds(aug.local)
-    blur_p = lambda kinds: kinds[[n for n, _ in kinds].index("GaussianBlur") - 1][1]  # noqa: E731
-    assert (blur_p(g1), blur_p(g2), blur_p(local)) == (1.0, 0.1, 0.5)
-    assert ("RandomSolarize", 0.2) in g2
-    assert not any(n == "RandomSolarize" for n, _ in g1 + local)
-    for kinds in (g1, g2, local):
-        assert ("RandomHorizontalFlip", 0.5) in kinds and ("RandomGrayscale", 0.2) in kinds
-        assert ("RandomApply", 0.8) in kinds and ("ColorJitter", None) in kinds
+    assert not torch.equal(a[0], c[0])
 
 
 def test_normalisation_uses_configured_statistics():
@@ -58,5 +66,145 @@ def test_normalisation_uses_configured_statistics():
                         grayscale_p=0, blur_p_global1=0, blur_p_global2=0, solarize_p_global2=0,
                         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), global_crops_scale=(1.0, 1.0))
     flat = torch.full((3, 16, 16), 255, dtype=torch.uint8)
-    crops = MultiCropAugmentation(cfg)(flat)
-    assert torch.allclose(crops[0], torch.ones_like(crops[0]))
+    for crops in (MultiCropAugmentation(cfg)(flat, 0), [c[0] for c in _on_device(MultiCropAugmentation(cfg), [(flat, 0)])]):
+        assert torch.allclose(crops[0], torch.ones_like(crops[0]))
+
+
+# -- the sampled parameters follow the configured distributions ---------------------------
+def _binomial_ok(hits, n, p):
+    return abs(hits - n * p) <= 5 * math.sqrt(n * p * (1 - p)) + 1e-9
+
+
+def test_sampled_parameters_follow_the_dino_distributions():
+    cfg = AugmentConfig()
+    draws = [sample_crops(cfg, 300, 400, seed) for seed in range(1500)]
+    n = len(draws)
+    g1, g2, local = [d[0] for d in draws], [d[1] for d in draws], [c for d in draws for c in d[2:]]
+    for crops, size, scale in ((g1 + g2, 224, cfg.global_crops_scale), (local, 96, cfg.local_crops_scale)):
+        assert all(c.size == size for c in crops)
+        area = np.array([c.box[2] * c.box[3] / (300 * 400) for c in crops])
+        ratio = np.array([c.box[3] / c.box[2] for c in crops])
+        assert area.min() >= scale[0] * 0.97 and area.max() <= scale[1] * 1.03
+        assert area.min() < scale[0] + 0.05 and area.max() > scale[1] - 0.05  # the range is covered
+        assert ratio.min() >= RATIO[0] * 0.97 and ratio.max() <= RATIO[1] * 1.03
+        assert all(0 <= c.box[0] <= 300 - c.box[2] and 0 <= c.box[1] <= 400 - c.box[3] for c in crops)
+        assert _binomial_ok(sum(c.flip for c in crops), len(crops), cfg.flip_p)
+        assert _binomial_ok(sum(c.jitter for c in crops), len(crops), cfg.color_jitter_p)
+        assert _binomial_ok(sum(c.gray for c in crops), len(crops), cfg.grayscale_p)
+    for crops, p in ((g1, cfg.blur_p_global1), (g2, cfg.blur_p_global2), (local, cfg.blur_p_local)):
+        assert _binomial_ok(sum(c.sigma > 0 for c in crops), len(crops), p)
+        sigmas = [c.sigma for c in crops if c.sigma > 0]
+        assert min(sigmas) >= cfg.blur_sigma[0] and max(sigmas) <= cfg.blur_sigma[1]
+    assert _binomial_ok(sum(c.solarize for c in g2), n, cfg.solarize_p_global2)
+    assert not any(c.solarize for c in g1 + local)
+    jittered = [c for d in draws for c in d if c.jitter]
+    b, k, s, h = (np.array(v) for v in zip(*(c.factors for c in jittered)))
+    for values, (lo, hi) in ((b, (0.6, 1.4)), (k, (0.6, 1.4)), (s, (0.8, 1.2)), (h, (-0.1, 0.1))):
+        assert values.min() >= lo and values.max() <= hi and values.min() < lo + 0.01 and values.max() > hi - 0.01
+    assert all(sorted(c.order) == [0, 1, 2, 3] for c in jittered)
+    assert len({c.order for c in jittered}) == 24  # every order occurs
+    assert all(c.factors == (1.0, 1.0, 1.0, 0.0) for d in draws for c in d if not c.jitter)
+
+
+def test_configured_probabilities_are_honoured():
+    cfg = AugmentConfig(flip_p=0.0, color_jitter_p=1.0, grayscale_p=1.0, blur_p_global1=0.0, blur_p_local=1.0,
+                        solarize_p_global2=1.0, local_crops_number=3, color_jitter=(0.0, 0.5, 0.0, 0.0))
+    crops = sample_crops(cfg, 100, 100, 7)
+    assert len(crops) == 5 and not any(c.flip for c in crops) and all(c.jitter and c.gray for c in crops)
+    assert crops[0].sigma == 0 and all(c.sigma > 0 for c in crops[2:]) and crops[1].solarize
+    assert all(c.factors[0] == 1.0 and c.factors[2] == 1.0 and c.factors[3] == 0.0 for c in crops)
+
+
+# -- each operation against an independent computation ------------------------------------
+def _pil(seed=0, size=40):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def _planes(img):
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float()
+
+
+def test_luma_and_saturation_equal_pil():
+    img = _pil()
+    assert torch.equal(ops.luma(_planes(img))[0], torch.from_numpy(np.array(img.convert("L"))).float())
+    for s in (0.8, 1.13, 1.2):
+        expected = _planes(ImageEnhance.Color(img).enhance(s))
+        assert torch.equal(ops.saturation(_planes(img), torch.tensor(s)), expected)
+
+
+def test_brightness_and_contrast_within_one_level_of_pil():
+    """PIL's ImageEnhance truncates where ours rounds to nearest: at most one level apart."""
+    img, x = _pil(1), _planes(_pil(1))
+    for f in (0.6, 0.93, 1.4):
+        assert (ops.brightness(x, torch.tensor(f)) - _planes(ImageEnhance.Brightness(img).enhance(f))).abs().max() <= 1
+        center = ops.contrast_center(ops.mean_luma(x))
+        assert (ops.contrast(x, torch.tensor(f), center) - _planes(ImageEnhance.Contrast(img).enhance(f))).abs().max() <= 1
+
+
+def test_hue_is_the_exact_hsv_rotation_rounded():
+    x = _planes(_pil(2, 24))
+    for shift in (0.07, -0.1, 0.31):
+        out = ops.hue(x, torch.tensor(shift))
+        ref = torch.tensor([[colorsys.hsv_to_rgb((h + shift) % 1.0, s, v) for h, s, v in
+                             (colorsys.rgb_to_hsv(*(x[:, i, j] / 255).tolist()) for j in range(24))] for i in range(24)])
+        assert (out - ref.permute(2, 0, 1) * 255).abs().max() <= 0.5 + 1e-3
+
+
+def test_blur_equals_torchvision_gaussian_blur_inside_the_border():
+    x = _planes(_pil(3, 48))[None]
+    for sigma in (0.1, 0.7, 2.0):
+        k = len(ops.gaussian_kernel(sigma))
+        ours = ops.gaussian_blur(x, [sigma])
+        ref = TF.gaussian_blur(x, [k, k], [sigma, sigma])
+        r = k // 2
+        assert torch.allclose(ours[..., r:-r, r:-r], ref[..., r:-r, r:-r], atol=1e-3)
+
+
+def test_blur_alone_equals_blur_in_a_batch_of_other_sigmas():
+    x = torch.stack([_planes(_pil(i, 32)) for i in range(3)])
+    batched = ops.gaussian_blur(x, [0.3, 2.0, 1.1])
+    for i, s in enumerate([0.3, 2.0, 1.1]):
+        assert torch.equal(batched[i : i + 1], ops.gaussian_blur(x[i : i + 1], [s]))
+
+
+def test_solarize_equals_pil():
+    img = _pil(4)
+    assert torch.equal(ops.solarize(_planes(img)), _planes(ImageOps.solarize(img, 128)))
+
+
+# -- the two paths agree ------------------------------------------------------------------
+def test_on_device_path_equals_worker_path_on_real_jpegs(cifar_slice):
+    """Same seeds → the same crops bit for bit (tolerance 0 on CPU): both paths run the same
+    float32 operations on the same whole-number pixels; only the batching differs."""
+    cfg = AugmentConfig(global_crops_size=32, local_crops_size=16, local_crops_number=4, blur_p_global2=0.5,
+                        solarize_p_global2=0.5)
+    aug = MultiCropAugmentation(cfg)
+    paths = sorted(str(p) for p in (cifar_slice / "train").rglob("*.jpg"))[:24]
+    samples = [(p, 1000 + i) for i, p in enumerate(paths)]
+    device = _on_device(aug, samples)
+    for i, (path, seed) in enumerate(samples):
+        worker = aug(path, seed)
+        for j, crop in enumerate(worker):
+            assert torch.equal(crop, device[j][i]), f"sample {i} crop {j}"
+
+
+def test_on_device_path_equals_worker_path_with_dino_parameters():
+    aug = MultiCropAugmentation(AugmentConfig(global_crops_size=48, local_crops_size=24, local_crops_number=3))
+    samples = [(_image(64, seed=s), s) for s in range(16)]
+    device = _on_device(aug, samples)
+    for i, (image, seed) in enumerate(samples):
+        assert all(torch.equal(c, device[j][i]) for j, c in enumerate(aug(image, seed)))
+
+
+def test_jpeg_is_decoded_at_reduced_size_when_every_crop_allows_it(tmp_path):
+    path = tmp_path / "big.jpg"
+    _pil(5, 800).save(path, quality=90)
+    cfg = AugmentConfig(global_crops_size=64, local_crops_size=32, local_crops_number=2, global_crops_scale=(0.9, 1.0),
+                        local_crops_scale=(0.5, 0.6))
+    aug = MultiCropAugmentation(cfg)
+    from ssl_xcit.pretrain.augment import _decode, open_image
+
+    img = open_image(str(path))
+    rgb, sx, sy = _decode(img, aug.sample(img, 0))
+    assert rgb.width < 800 and sx == rgb.width / 800
+    assert [tuple(c.shape) for c in aug(str(path), 0)] == [(3, 64, 64)] * 2 + [(3, 32, 32)] * 2

@@ -19,10 +19,11 @@ from ssl_xcit.pretrain.run import run_pretraining
 TOTAL = 12  # 64 images / batch 8 = 8 steps per epoch: the run crosses an epoch boundary
 
 
-def config(run_dir: Path, workers: str = "0"):
+def config(run_dir: Path, workers: str = "0", augment_device: str = "workers"):
     args = tiny_pretrain_args("synthetic", run_dir, data__synthetic_size="64", data__synthetic_resolution="40",
                               data__num_workers=workers, trainer__max_epochs="3", trainer__max_steps=str(TOTAL),
-                              model__drop_path_rate="0.1", trainer__deterministic="true")
+                              model__drop_path_rate="0.1", trainer__deterministic="true",
+                              augment__device=augment_device)
     return parse_pretrain_args(args)[0]
 
 
@@ -58,21 +59,44 @@ def uninterrupted(tmp_path_factory) -> dict:
     return final_state(run_dir)
 
 
-@pytest.mark.parametrize("k,workers", [(5, "0"), (8, "0"), (3, "2")], ids=["mid-epoch", "epoch-end", "workers"])
-def test_signal_then_resume_is_bit_identical(uninterrupted, tmp_path, k, workers):
+@pytest.fixture(scope="module")
+def uninterrupted_on_device(tmp_path_factory) -> dict:
+    run_dir = tmp_path_factory.mktemp("uninterrupted_on_device")
+    run_pretraining(config(run_dir, augment_device="train"), run_dir)
+    return final_state(run_dir)
+
+
+def interrupt_and_resume(tmp_path: Path, k: int, workers: str, augment_device: str = "workers") -> dict:
     flag = PreemptionFlag(signal.SIGUSR2)
     flag.install()
     try:
         stopper = StopOnPreemption(flag)
-        run_pretraining(config(tmp_path, workers), tmp_path, extra_callbacks=[SignalAtStep(k, signal.SIGUSR2), stopper])
+        run_pretraining(config(tmp_path, workers, augment_device), tmp_path,
+                        extra_callbacks=[SignalAtStep(k, signal.SIGUSR2), stopper])
     finally:
         signal.signal(signal.SIGUSR2, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert stopper.stopped_at_step == k and flag.requeue
     interrupted = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert interrupted["global_step"] == k
-    run_pretraining(config(tmp_path, workers), tmp_path)  # the requeued job: same command
-    assert_bit_identical(uninterrupted, final_state(tmp_path))
+    run_pretraining(config(tmp_path, workers, augment_device), tmp_path)  # the requeued job: same command
+    return final_state(tmp_path)
+
+
+@pytest.mark.parametrize("k,workers", [(5, "0"), (8, "0"), (3, "2")], ids=["mid-epoch", "epoch-end", "workers"])
+def test_signal_then_resume_is_bit_identical(uninterrupted, tmp_path, k, workers):
+    assert_bit_identical(uninterrupted, interrupt_and_resume(tmp_path, k, workers))
+
+
+@pytest.mark.parametrize("k", [5, 8], ids=["mid-epoch", "epoch-end"])
+def test_resume_with_colour_on_the_training_device_is_bit_identical(uninterrupted_on_device, tmp_path, k):
+    """augment.device=train: the colour parameters travel with the crops, drawn from the
+    per-sample seeds, so an interrupted run sees the same images."""
+    assert_bit_identical(uninterrupted_on_device, interrupt_and_resume(tmp_path, k, "0", "train"))
+
+
+def test_colour_on_the_device_trains_on_the_same_crops_as_in_workers(uninterrupted, uninterrupted_on_device):
+    assert_bit_identical(uninterrupted, uninterrupted_on_device)
 
 
 @pytest.mark.slow
