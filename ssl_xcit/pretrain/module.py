@@ -70,6 +70,7 @@ class DINOModule(pl.LightningModule):
         self.schedules: DinoSchedules | None = None
         self._values: ScheduleValues | None = None  # the schedules at the current step
         self._skip_update = False
+        self._first_nonfinite: torch.Tensor | None = None  # (step, loss) of the first non-finite loss, on the device
 
     # -- set-up -------------------------------------------------------------------------
     def global_batch_size(self) -> int:
@@ -125,16 +126,38 @@ class DINOModule(pl.LightningModule):
         teacher_logits = self.teacher(crops[:2])  # (2B, K)
         student_logits = self.student(crops)  # (V B, K)
         loss = self.loss_fn(student_logits, teacher_logits, values.teacher_temp)
-        self._skip_update = not math.isfinite(loss.item())
-        if self._skip_update:
-            if self.cfg.run.on_nonfinite == "stop":
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}; stopping")
-            self.print(f"non-finite loss at step {self.global_step}: update skipped")
-            return None
-        self.log("train/loss", loss, prog_bar=True)
+        if self.cfg.run.on_nonfinite == "skip":
+            # skipping must know before the update: one host sync per step, the price of this choice
+            self._skip_update = not math.isfinite(loss.item())
+            if self._skip_update:
+                self.print(f"non-finite loss at step {self.global_step}: update skipped")
+                return None
+        else:
+            self._note_nonfinite(loss.detach())
         if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.raise_if_nonfinite_seen()
+            self.log("train/loss", loss, prog_bar=True)
             self._log_schedules_and_signals(values, teacher_logits)
         return loss
+
+    def _note_nonfinite(self, loss: torch.Tensor) -> None:
+        """Remember the first non-finite loss on the device, without waiting for it (no host
+        sync in the step): :meth:`raise_if_nonfinite_seen` reads it at logging steps and before
+        every checkpoint, so a run stops before saving any state a non-finite loss touched."""
+        if self._first_nonfinite is None:
+            self._first_nonfinite = torch.full((2,), math.nan, device=loss.device)  # (step, loss)
+        first = self._first_nonfinite
+        new = ~torch.isfinite(loss) & torch.isnan(first[0])
+        here = torch.stack([torch.full_like(loss, self.global_step, dtype=first.dtype), loss.to(first.dtype)])
+        self._first_nonfinite = torch.where(new, here, first)
+
+    def raise_if_nonfinite_seen(self) -> None:
+        """Stop (``run.on_nonfinite: stop``) naming the step of the first non-finite loss."""
+        if self._first_nonfinite is None:
+            return
+        step, value = self._first_nonfinite.tolist()
+        if not math.isnan(step):
+            raise FloatingPointError(f"non-finite loss {value} at step {int(step)}; stopping")
 
     def _log_schedules_and_signals(self, values: Any, teacher_logits: torch.Tensor) -> None:
         signals = collapse_signals(teacher_logits.detach(), self.loss_fn.center, values.teacher_temp)
@@ -165,6 +188,7 @@ class DINOModule(pl.LightningModule):
 
     # -- checkpoint extras --------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.raise_if_nonfinite_seen()  # never save a state a non-finite loss has touched
         checkpoint["rng_states"] = rng.capture_all_ranks()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -115,3 +115,24 @@ def test_non_finite_loss_can_be_skipped_without_touching_weights(tmp_path, monke
 def test_model_config_errors_name_the_key(tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
         DINOModule(tiny_config(tmp_path, **overrides))
+
+
+def test_non_finite_loss_between_logging_steps_stops_before_any_checkpoint_holds_it(tmp_path, monkeypatch):
+    """The stop check reads a device-side flag (no host sync in the step) at logging steps and
+    before every save: a NaN at step 1 stops the run naming step 1, and last.ckpt keeps the
+    state of the steps before it."""
+    real = __import__("ssl_xcit.pretrain.loss", fromlist=["x"]).dino_cross_entropy
+    calls = {"n": 0}
+
+    def nan_on_second(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr("ssl_xcit.pretrain.loss.dino_cross_entropy", nan_on_second)
+    cfg = tiny_config(tmp_path, trainer__log_every_n_steps="50", run__checkpoint_every_n_steps="1")
+    with pytest.raises(FloatingPointError, match="non-finite loss nan at step 1"):
+        run_pretraining(cfg, tmp_path)
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 1
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
