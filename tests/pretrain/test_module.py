@@ -89,16 +89,21 @@ def test_non_finite_loss_stops_with_step_number(tmp_path, monkeypatch):
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
-def test_non_finite_loss_can_be_skipped_without_touching_weights(tmp_path, monkeypatch):
+def nan_on_call(bad_call: int):
+    """The DINO cross-entropy, made NaN on its ``bad_call``-th call (1-based)."""
     real = __import__("ssl_xcit.pretrain.loss", fromlist=["x"]).dino_cross_entropy
     calls = {"n": 0}
 
-    def nan_on_second(*args, **kwargs):
+    def loss(*args, **kwargs):
         calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 2 else loss
+        value = real(*args, **kwargs)
+        return value * float("nan") if calls["n"] == bad_call else value
 
-    monkeypatch.setattr("ssl_xcit.pretrain.loss.dino_cross_entropy", nan_on_second)
+    return loss
+
+
+def test_non_finite_loss_can_be_skipped_without_touching_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr("ssl_xcit.pretrain.loss.dino_cross_entropy", nan_on_call(2))
     last = run_pretraining(tiny_config(tmp_path, run__on_nonfinite="skip", trainer__max_epochs="1"), tmp_path)
     state = torch.load(last, weights_only=True)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
@@ -121,15 +126,7 @@ def test_non_finite_loss_between_logging_steps_stops_before_any_checkpoint_holds
     """The stop check reads a device-side flag (no host sync in the step) at logging steps and
     before every save: a NaN at step 1 stops the run naming step 1, and last.ckpt keeps the
     state of the steps before it."""
-    real = __import__("ssl_xcit.pretrain.loss", fromlist=["x"]).dino_cross_entropy
-    calls = {"n": 0}
-
-    def nan_on_second(*args, **kwargs):
-        calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 2 else loss
-
-    monkeypatch.setattr("ssl_xcit.pretrain.loss.dino_cross_entropy", nan_on_second)
+    monkeypatch.setattr("ssl_xcit.pretrain.loss.dino_cross_entropy", nan_on_call(2))
     cfg = tiny_config(tmp_path, trainer__log_every_n_steps="50", run__checkpoint_every_n_steps="1")
     with pytest.raises(FloatingPointError, match="non-finite loss nan at step 1"):
         run_pretraining(cfg, tmp_path)
