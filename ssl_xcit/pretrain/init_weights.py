@@ -96,7 +96,7 @@ def split_backbone_and_head(state: Tensors, source: str) -> InitWeights:
             backbone[key[len("backbone."):] if key.startswith("backbone.") else key] = value
     is_dino_head = any(k.startswith(("mlp.", "last_layer.")) for k in head)
     if head and not is_dino_head:
-        return InitWeights(source, backbone, set_aside=[f"head.{k}" for k in head])
+        return InitWeights(source, backbone, set_aside=sorted(f"head.{k}" for k in head))
     return InitWeights(source, backbone, dino_head_state(head) if head else None)
 
 
