@@ -58,6 +58,17 @@ def _strip_prefixes(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -
     return out
 
 
+def official_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Backbone weights in the original DINO/XCiT layout (``module.``/``backbone.`` prefixes,
+    ``pos_embeder``, fused class-attention ``qkv``) renamed for the timm ``model``; keys
+    already in timm's naming pass unchanged. Raises UserError when the class-attention
+    blocks do not match the model's."""
+    try:
+        return checkpoint_filter_fn(_strip_prefixes(state, ("module.", "backbone.")), model)
+    except KeyError as err:
+        raise UserError(f"class-attention weights {err} missing: the checkpoint has other blocks than the model") from err
+
+
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("head.")]
@@ -106,10 +117,9 @@ def _from_official(path: Path, ckpt: dict[str, Any], which: str, arch: Optional[
     if not arch:
         raise UserError(f"{path}: an official DINO/XCiT checkpoint does not name its architecture; pass --arch")
     state = ckpt.get(which) or ckpt.get("model") or ckpt.get("state_dict") or ckpt
-    state = _strip_prefixes(state, ("module.", "backbone."))
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    state = {k: v for k, v in _strip_prefixes(state, ("module.", "backbone.")).items() if not k.startswith("head.")}
     model = build_backbone(arch, 0.0)
-    _load_strict(model, checkpoint_filter_fn(state, model), path)
+    _load_strict(model, official_to_timm(state, model), path)
     return LoadedBackbone(model, arch, f"{path}:{which}")
 
 

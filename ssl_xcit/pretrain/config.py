@@ -37,6 +37,13 @@ class ModelConfig:
     """BatchNorm in the head's MLP (DINO found it unnecessary for ViTs)."""
     norm_last_layer: bool = True
     """Freeze the last layer's weight-norm magnitude at 1 (True helps stability, False helps accuracy)."""
+    init: Optional[str] = None
+    """Start student and teacher from trained weights: an official DINO full checkpoint (backbone,
+    head, center), an official backbone-only or timm weights file, an ssl-xcit .ckpt or an exported
+    .safetensors. The head is loaded when its shape fits, else re-initialised (said in one line).
+    A new run: fresh optimizer and schedules. When resuming, the run folder's last.ckpt wins."""
+    init_which: Literal["teacher", "student"] = "teacher"
+    """Network of a checkpoint holding both that student and teacher start from."""
 
 
 @dataclass
@@ -180,7 +187,7 @@ class RunConfig:
 
 @dataclass
 class MonitorConfig:
-    """In-training k-NN monitor of the teacher (off when every_n_epochs is 0)."""
+    """In-training k-NN monitor of the teacher (off when every_n_epochs is 0 and at_start is not true)."""
 
     every_n_epochs: int = 0
     """Run the monitor every this many epochs (0: off)."""
@@ -198,6 +205,8 @@ class MonitorConfig:
     k: int = 20
     temperature: float = 0.07
     """Vote weight exp(similarity / temperature)."""
+    at_start: Optional[bool] = None
+    """Also evaluate before the first step (logged at step 0; not on resume). None: when model.init is set."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ from ssl_xcit.pretrain.checkpointing import LAST, AtomicCheckpointIO, LastCheckp
 from ssl_xcit.pretrain.config import PretrainConfig
 from ssl_xcit.pretrain.data import PretrainDataModule
 from ssl_xcit.errors import UserError
+from ssl_xcit.pretrain.init_weights import init_module
 from ssl_xcit.pretrain.knn_monitor import monitor_callbacks
 from ssl_xcit.pretrain.module import DINOModule
 
@@ -130,6 +131,9 @@ def run_pretraining(
 ) -> Path:
     """Train (or continue training) into ``run_dir``; returns the final ``last.ckpt``.
 
+    A fresh run starts from ``model.init`` when it is set; a run folder holding a
+    ``last.ckpt`` resumes from it and ignores ``model.init``.
+
     Data and model are validated before anything is written; ``resolved_config`` (YAML)
     is then saved as ``run_dir/config.yaml``.
     """
@@ -138,6 +142,10 @@ def run_pretraining(
     datamodule = PretrainDataModule(cfg.data, cfg.augment, cfg.trainer.seed)
     datamodule.setup("fit")  # fail on a bad data path before the model is built
     module = DINOModule(cfg)
+    if cfg.model.init and ckpt_path is None:
+        rank_zero_info(init_module(module, cfg.model.init, cfg.model.init_which))
+    elif cfg.model.init:
+        rank_zero_info(f"model.init ({cfg.model.init}) not used: the run continues from its own {ckpt_path.name}")
     callbacks = monitor_callbacks(cfg) + list(extra_callbacks or [])
     if resolved_config is not None and rank_zero_only.rank == 0:
         atomic_write_text(run_dir / "config.yaml", resolved_config)

@@ -34,3 +34,12 @@ def test_published_recipes(name, arch, drop_path):
     assert (cfg.model.arch, cfg.model.drop_path_rate, cfg.model.norm_last_layer) == (arch, drop_path, False)
     assert (cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp, cfg.dino.warmup_teacher_temp_epochs) == (0.04, 0.07, 30)
     assert (cfg.optim.lr, cfg.trainer.max_epochs) == (0.0005, 300)
+
+
+def test_continuation_recipe_keeps_the_pretrained_teacher():
+    cfg = parse_pretrain_args(["--config", str(REPO / "configs" / "continue_dino_xcit_small.yaml")])[0]
+    assert (cfg.model.arch, cfg.model.out_dim, cfg.model.init_which) == ("xcit_small_12_p16_224", 65536, "teacher")
+    assert cfg.model.init and not cfg.model.norm_last_layer and cfg.optim.freeze_last_layer == 0
+    assert cfg.optim.lr < 0.0005 and cfg.optim.warmup_epochs > 0 and cfg.optim.momentum_teacher >= 0.999
+    assert cfg.dino.warmup_teacher_temp == cfg.dino.teacher_temp and cfg.dino.warmup_teacher_temp_epochs == 0
+    assert cfg.monitor.at_start is True
