@@ -44,6 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return command(name)(rest)
+    except SystemExit as done:  # --help and --print-config print, then exit through argparse
+        return done.code if isinstance(done.code, int) else 0 if done.code is None else 2
     except UserError as err:
         print(f"ssl-xcit {name}: error: {err}", file=sys.stderr)
         return 2
