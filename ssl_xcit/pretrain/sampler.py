@@ -46,7 +46,15 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
         self.epoch = epoch
 
     def resume_at(self, epoch: int, batches_done: int) -> None:
-        """Position the sampler after ``batches_done`` batches of ``epoch``."""
+        """Position the sampler after ``batches_done`` batches of ``epoch``; after a whole
+        epoch, at the start of the next one.
+
+        The next epoch must be set here, not left to ``set_epoch``: a DataLoader with
+        workers starts drawing indices as soon as its iterator exists, which Lightning
+        creates before it calls ``set_epoch`` on resume.
+        """
+        if batches_done >= self.batches_per_epoch:
+            epoch, batches_done = epoch + 1, 0
         self.epoch, self.start_batch = epoch, batches_done
 
     def __len__(self) -> int:

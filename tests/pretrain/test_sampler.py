@@ -43,3 +43,27 @@ def test_augmentation_seed_depends_on_sample_and_epoch_only(epoch):
     b.set_epoch(epoch)
     seeds_b = dict(b)
     assert all(seeds_b[i] == seed for i, seed in a)
+
+
+class _Keys:
+    """A dataset whose sample is its own (index, seed) key."""
+
+    def __getitem__(self, key):
+        return key
+
+
+def test_resume_after_a_whole_epoch_starts_the_next_one_even_before_set_epoch():
+    """A DataLoader with workers draws indices as soon as its iterator exists, which
+    Lightning creates before it calls set_epoch on resume: the position alone must say
+    'next epoch' when the checkpoint was written after an epoch's last batch."""
+    from torch.utils.data import DataLoader
+
+    full = ResumableDistributedSampler(40, batch_size=4, seed=3)
+    full.set_epoch(1)
+    want = list(full)
+    resumed = ResumableDistributedSampler(40, batch_size=4, seed=3)
+    resumed.resume_at(epoch=0, batches_done=10)  # all 10 batches of epoch 0 done
+    loader = DataLoader(_Keys(), batch_size=4, sampler=resumed, num_workers=2, collate_fn=list)
+    batches = iter(loader)  # workers start drawing here
+    resumed.set_epoch(1)
+    assert [key for batch in batches for key in batch] == want
