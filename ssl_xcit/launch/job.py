@@ -14,72 +14,19 @@ the job runs under Lightning's plain environment, fed by submitit's.
 from __future__ import annotations
 
 import os
-import signal
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any, Callable, Optional, Sequence
 
-import pytorch_lightning as pl
 import submitit
 from lightning_fabric.plugins.environments import LightningEnvironment
+from pytorch_lightning.utilities import rank_zero_only
 
 from ssl_xcit.compat import submitit_requeue_signal
 from ssl_xcit.pretrain.command import parse_pretrain_args, run_dir as run_dir_of
+from ssl_xcit.pretrain.preemption import PreemptionFlag, StopOnPreemption
 
 DEFAULT_MAX_REQUEUES = 20
-
-
-class PreemptionFlag:
-    """Signal handlers that only record which signals arrived; the training loop acts on them.
-
-    SIGTERM (a pre-emption notice, or ``scancel``) asks for a checkpoint and a clean stop;
-    USR2 (submitit's pre-emption/time-out signal) asks for a checkpoint and a requeue.
-    """
-
-    def __init__(self, requeue_signal: int, stop_signals: Sequence[int] = (signal.SIGTERM,)) -> None:
-        self.requeue_signal = requeue_signal
-        self.signals = (requeue_signal, *stop_signals)
-        self.received: set[int] = set()
-        self.replaced: dict[int, Any] = {}
-
-    @property
-    def raised(self) -> bool:
-        return bool(self.received)
-
-    @property
-    def requeue(self) -> bool:
-        return self.requeue_signal in self.received
-
-    def install(self) -> None:
-        """Put the recording handler in front; the first handlers replaced are kept (submitit's)."""
-        for signum in self.signals:
-            previous = signal.signal(signum, self._record)
-            self.replaced.setdefault(signum, previous)
-
-    def _record(self, signum: int, frame: Optional[FrameType]) -> None:
-        self.received.add(signum)
-
-
-class StopOnPreemption(pl.Callback):
-    """Stops training at the first step boundary after a signal reached any rank.
-
-    Runs before :class:`LastCheckpoint`, which then saves because training stops. Lightning
-    installs SIGTERM handling of its own when fitting starts (it would abort the epoch), so
-    the recording handlers are put back in front at ``on_train_start``.
-    """
-
-    def __init__(self, flag: PreemptionFlag) -> None:
-        self.flag = flag
-        self.stopped_at_step: Optional[int] = None
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.flag.install()
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.strategy.reduce_boolean_decision(self.flag.raised, all=False):
-            self.stopped_at_step = trainer.global_step
-            trainer.should_stop = True
 
 
 def export_distributed_env() -> submitit.JobEnvironment:
@@ -87,6 +34,9 @@ def export_distributed_env() -> submitit.JobEnvironment:
     env = submitit.JobEnvironment()
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     os.environ["NODE_RANK"] = str(env.node)
+    # Lightning read the rank when it was imported, before these variables existed (submitit's
+    # local executor sets none it knows): without this every task would write rank 0's files
+    rank_zero_only.rank = env.global_rank
     return env
 
 

@@ -30,7 +30,7 @@ class DumpPerRank(pl.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         state = {"center": module.loss_fn.center.clone(), "teacher": module.teacher.state_dict(),
-                 "student": module.student.state_dict(), "batch": batch[0].clone(),
+                 "student": module.student.state_dict(), "batch": batch["crops"][0].clone(),
                  "world_size": trainer.world_size, "global_step": trainer.global_step,
                  "local_mean": self.local_means[-1]}
         torch.save(state, self.out / f"rank{trainer.global_rank}_step{trainer.global_step}.pt")

@@ -13,7 +13,7 @@ from tests.helpers import tiny_pretrain_args
 from ssl_xcit.files import atomic_torch_save
 from ssl_xcit.cli import main
 from ssl_xcit.pretrain.command import parse_pretrain_args
-from ssl_xcit.launch.job import PreemptionFlag, StopOnPreemption
+from ssl_xcit.pretrain.preemption import PreemptionFlag, StopOnPreemption
 from ssl_xcit.pretrain.run import run_pretraining
 
 TOTAL = 12  # 64 images / batch 8 = 8 steps per epoch: the run crosses an epoch boundary
