@@ -123,14 +123,15 @@ def _from_official(path: Path, ckpt: dict[str, Any], which: str, arch: Optional[
     return LoadedBackbone(model, arch, f"{path}:{which}")
 
 
-def random_backbone(arch: Optional[str], seed: int = 0) -> LoadedBackbone:
-    """A randomly initialised ``arch``, the same for the same ``seed`` (the global RNG is left as it was)."""
+def random_backbone(arch: Optional[str], seed: int = 0, **overrides: Any) -> LoadedBackbone:
+    """A randomly initialised ``arch`` (with timm keyword ``overrides``), the same for the
+    same ``seed`` (the global RNG is left as it was)."""
     if not arch:
         raise UserError("--checkpoint random needs --arch (a timm XCiT name, e.g. xcit_nano_12_p8_224)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_backbone(arch, 0.0)
-    return LoadedBackbone(model, arch, f"{RANDOM}:{arch}:seed{seed}")
+        model = build_backbone(arch, 0.0, **overrides)
+    return LoadedBackbone(model, arch, f"{RANDOM}:{arch}:seed{seed}", extra={"backbone_kwargs": overrides})
 
 
 def load_backbone(path: str | Path, which: str = "teacher", arch: Optional[str] = None, seed: int = 0) -> LoadedBackbone:

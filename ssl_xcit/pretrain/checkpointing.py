@@ -1,23 +1,42 @@
-"""Checkpoint files that are never half-written, and the run folder's checkpoint layout."""
+"""The run folder's checkpoints: never half-written, written at restartable points, and a
+failed write stops the run on every rank instead of leaving some of them waiting.
+
+Layout: ``checkpoints/last.ckpt`` (the restart point) and ``checkpoints/epochNNNN.ckpt``
+(a kept copy every ``run.saveckp_freq`` epochs).
+"""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import pytorch_lightning as pl
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from ssl_xcit.files import atomic_torch_save
+from ssl_xcit.errors import UserError
+from ssl_xcit.files import atomic_torch_save, atomic_write
 
 LAST = "last.ckpt"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO with an atomic write (temporary file + rename)."""
+    """Lightning's checkpoint IO with an atomic write (temporary file + rename).
+
+    A write that fails (disk full, permission) leaves the previous file whole and is
+    recorded in :attr:`failure` instead of raised: the writing rank must still reach the
+    barrier the other ranks wait at; :class:`RunCheckpoints` then stops every rank.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failure: Optional[str] = None
 
     def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Optional[Any] = None) -> None:
-        atomic_torch_save(checkpoint, Path(path))
+        try:
+            atomic_torch_save(checkpoint, Path(path))
+        except OSError as err:
+            self.failure = f"could not write checkpoint {path}: {err.strerror or err}"
 
 
 def last_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
@@ -26,24 +45,75 @@ def last_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
     return path if path.is_file() else None
 
 
-class LastCheckpoint(pl.Callback):
-    """Keeps ``last.ckpt`` current: every ``every_n_steps`` optimizer steps, after the last
-    batch of each epoch, and after the batch at which training stops.
+def kept_copy_name(epoch: int) -> str:
+    return f"epoch{epoch:04d}.ckpt"
 
-    Every save happens in ``on_train_batch_end``, the one point from which Lightning's
-    loops restart exactly (also at an epoch's last batch); ModelCheckpoint cannot combine
-    step and epoch triggers.
+
+class RunCheckpoints(pl.Callback):
+    """Keeps ``last.ckpt`` current: every ``every_n_steps`` optimizer steps, after the last
+    batch of each epoch, and after the batch at which training stops; and copies it to
+    ``epochNNNN.ckpt`` after the last batch of every ``keep_every_n_epochs``-th epoch.
+
+    Every save happens in ``on_train_batch_end``, a point from which Lightning's loops
+    restart exactly (also at an epoch's last batch); :meth:`save` may also be called at
+    the start of a batch, before anything of it is trained (see
+    :class:`~ssl_xcit.pretrain.bad_images.BadImagePolicy`).
     """
 
-    def __init__(self, path: Path, every_n_steps: int) -> None:
-        self.path, self.every_n_steps = path, every_n_steps
+    def __init__(self, checkpoint_dir: Path, every_n_steps: int, keep_every_n_epochs: int = 0) -> None:
+        self.dir, self.every_n_steps, self.keep_every_n_epochs = checkpoint_dir, every_n_steps, keep_every_n_epochs
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    @property
+    def last(self) -> Path:
+        return self.dir / LAST
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         step = trainer.global_step
+        epoch_end = batch_idx + 1 == trainer.num_training_batches
         if (
             (self.every_n_steps > 0 and step % self.every_n_steps == 0)
-            or batch_idx + 1 == trainer.num_training_batches
+            or epoch_end
             or step == trainer.max_steps
             or trainer.should_stop
         ):
-            trainer.save_checkpoint(self.path, weights_only=False)  # full state: optimizer, loops, callbacks
+            self.save(trainer)
+        keep = self.keep_every_n_epochs > 0 and (trainer.current_epoch + 1) % self.keep_every_n_epochs == 0
+        if epoch_end and keep:
+            self.keep_copy(trainer, self.dir / kept_copy_name(trainer.current_epoch))
+
+    def save(self, trainer: pl.Trainer) -> None:
+        """Write ``last.ckpt`` (full state: weights, optimizer, loops, callbacks, RNG); on a
+        failed write, stop every rank with one line naming the file."""
+        io = _atomic_io(trainer)
+        io.failure = None
+        trainer.save_checkpoint(self.last, weights_only=False)  # rank 0 writes; every rank passes its barrier
+        _stop_on_any_failure(trainer, io.failure, self.last)
+
+    def keep_copy(self, trainer: pl.Trainer, path: Path) -> None:
+        """Copy ``last.ckpt`` to ``path`` (rank 0 writes, atomically)."""
+        failure = None
+        if trainer.is_global_zero:
+            try:
+                atomic_write(path, lambda f: _copy_into(self.last, f))
+            except OSError as err:
+                failure = f"could not write checkpoint {path}: {err.strerror or err}"
+        _stop_on_any_failure(trainer, failure, path)
+
+
+def _stop_on_any_failure(trainer: pl.Trainer, failure: Optional[str], path: Path) -> None:
+    """Every rank learns whether rank 0's write failed (one boolean all-reduce) and all stop."""
+    if trainer.strategy.reduce_boolean_decision(failure is not None, all=False):
+        failure = failure or f"rank 0 could not write checkpoint {path}"
+        raise UserError(f"{failure} (its previous version, if any, is whole); fix the disk and re-run to continue")
+
+
+def _copy_into(source: Path, f: Any) -> None:
+    with open(source, "rb") as src:
+        shutil.copyfileobj(src, f)
+
+
+def _atomic_io(trainer: pl.Trainer) -> AtomicCheckpointIO:
+    io = trainer.strategy.checkpoint_io
+    assert isinstance(io, AtomicCheckpointIO), "build_trainer installs AtomicCheckpointIO"
+    return io

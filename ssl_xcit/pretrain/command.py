@@ -24,12 +24,21 @@ def run_dir(parsed: Parsed[PretrainConfig]) -> Path:
 
 
 def pretrain_command(argv: Sequence[str]) -> int:
+    """Train; on SIGTERM or SIGUSR2, save ``last.ckpt`` at the next step or epoch boundary and
+    exit with 128 + the signal's number (running the same command again continues)."""
     from pytorch_lightning.utilities import rank_zero_info
 
+    from ssl_xcit.pretrain.preemption import PreemptionFlag, StopOnPreemption
     from ssl_xcit.pretrain.run import run_pretraining
 
     parsed = parse_pretrain_args(argv)
     folder = run_dir(parsed)
-    last = run_pretraining(parsed.options, folder, parsed.dump())
+    stopper = StopOnPreemption(PreemptionFlag())
+    with stopper.flag.installed():
+        last = run_pretraining(parsed.options, folder, parsed.dump(), extra_callbacks=[stopper])
+    if stopper.stopped_at_step is not None:
+        rank_zero_info(f"stopped by {stopper.flag.describe()} at step {stopper.stopped_at_step}: {last} holds it; "
+                       "run the same command again to continue")
+        return 128 + stopper.flag.received[0]
     rank_zero_info(f"run folder: {folder}\nlast checkpoint: {last}")
     return 0

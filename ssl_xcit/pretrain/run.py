@@ -9,12 +9,12 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.environments import ClusterEnvironment
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
 from ssl_xcit.files import atomic_write_text
-from ssl_xcit.pretrain.checkpointing import LAST, AtomicCheckpointIO, LastCheckpoint, last_checkpoint
+from ssl_xcit.pretrain.bad_images import BadImagePolicy
+from ssl_xcit.pretrain.checkpointing import LAST, AtomicCheckpointIO, RunCheckpoints, last_checkpoint
 from ssl_xcit.pretrain.config import PretrainConfig
 from ssl_xcit.pretrain.data import PretrainDataModule
 from ssl_xcit.errors import UserError
@@ -56,23 +56,6 @@ def sync_batchnorm(cfg: PretrainConfig) -> bool:
     return gpu and world_size(cfg) > 1
 
 
-def checkpoint_callbacks(cfg: PretrainConfig, checkpoint_dir: Path) -> list[Callback]:
-    """``last.ckpt`` every N steps and every epoch; a kept copy every ``saveckp_freq`` epochs."""
-    callbacks: list[Callback] = [LastCheckpoint(checkpoint_dir / LAST, cfg.run.checkpoint_every_n_steps)]
-    if cfg.run.saveckp_freq > 0:
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=checkpoint_dir,
-                filename="epoch{epoch:04d}",
-                auto_insert_metric_name=False,
-                save_top_k=-1,
-                every_n_epochs=cfg.run.saveckp_freq,
-                save_on_train_epoch_end=True,
-            )
-        )
-    return callbacks
-
-
 def build_trainer(
     cfg: PretrainConfig,
     run_dir: Path,
@@ -93,8 +76,9 @@ def build_trainer(
         log_every_n_steps=t.log_every_n_steps,
         deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar,
+        enable_checkpointing=False,  # RunCheckpoints writes every checkpoint; Lightning would add its own
         use_distributed_sampler=False,  # ours is distributed and resumable mid-epoch
-        callbacks=list(extra_callbacks or []) + checkpoint_callbacks(cfg, run_dir / "checkpoints"),  # stoppers act before the save
+        callbacks=list(extra_callbacks or []),
         logger=[
             CSVLogger(run_dir, name="logs"),  # version_N per (re)start: never overwrites a segment
             TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False),
@@ -114,12 +98,13 @@ def resume_checkpoint(cfg: PretrainConfig, run_dir: Path) -> Optional[Path]:
     return last
 
 
-def _silence_resume_notices() -> None:
-    """Lightning warns that a mid-epoch resume is unreliable unless the DataLoader itself is
-    stateful; ours restores the data position through the DataModule (bit-exact, tested).
-    And a resumed run's checkpoint folder is meant to exist already."""
+def _silence_expected_notices() -> None:
+    """Lightning notices that are false here: a mid-epoch resume is exact (the DataModule
+    restores the data position, tested bit for bit); a resumed run's folders exist already;
+    and the module, not the DataModule, is meant to finish batches on the device."""
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule`")
 
 
 def run_pretraining(
@@ -146,12 +131,16 @@ def run_pretraining(
         rank_zero_info(init_module(module, cfg.model.init, cfg.model.init_which))
     elif cfg.model.init:
         rank_zero_info(f"model.init ({cfg.model.init}) not used: the run continues from its own {ckpt_path.name}")
-    callbacks = monitor_callbacks(cfg) + list(extra_callbacks or [])
+    checkpoints = RunCheckpoints(run_dir / "checkpoints", cfg.run.checkpoint_every_n_steps, cfg.run.saveckp_freq)
+    bad_images = BadImagePolicy(cfg.data.on_bad_image, cfg.data.max_bad_fraction, len(datamodule.dataset),
+                                run_dir, checkpoints)
+    # order matters: the monitor's epoch-end work, then the stoppers' decisions, then the save they imply
+    callbacks = [bad_images] + monitor_callbacks(cfg) + list(extra_callbacks or []) + [checkpoints]
     if resolved_config is not None and rank_zero_only.rank == 0:
         atomic_write_text(run_dir / "config.yaml", resolved_config)
     trainer = build_trainer(cfg, run_dir, callbacks, environment)
+    _silence_expected_notices()
     if ckpt_path is not None:
         rank_zero_info(f"resuming from {ckpt_path}")
-        _silence_resume_notices()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return run_dir / "checkpoints" / LAST

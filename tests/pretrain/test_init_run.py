@@ -51,9 +51,10 @@ def test_continue_from_a_run_checkpoint(tiny_checkpoint, cifar_slice, tmp_path, 
     assert main(["pretrain", *continued_args(tiny_checkpoint, cifar_slice, run_dir)]) == 0
     assert "backbone loaded; head loaded; center loaded" in info_logs.text
     knn = logged(run_dir, "knn/top1_k5")
-    assert sorted(knn) == [0, 1]  # at start (step 0), then after the epoch's 2 steps
+    assert sorted(knn) == [0, 2]  # at start (step 0), then after the epoch's 2 steps
     assert knn[0] == pytest.approx(knn_alone(load_backbone(tiny_checkpoint).model, cifar_slice, tmp_path), abs=1e-9)
-    assert min(logged(run_dir, "schedule/lr").items())[1] == 0.0  # a new run: its own lr warm-up from 0
+    step, lr = min(logged(run_dir, "schedule/lr").items())  # a new run: its own lr warm-up from 0 ...
+    assert lr == pytest.approx(0.0005 * 8 / 256 * step / 2)  # ... to 5e-4 x batch 8 / 256 over 2 steps
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
 
 

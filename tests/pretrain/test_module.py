@@ -83,7 +83,7 @@ def test_teacher_follows_ema_of_student_with_scheduled_momentum(tmp_path):
 
 
 def test_non_finite_loss_stops_with_step_number(tmp_path, monkeypatch):
-    monkeypatch.setattr("ssl_xcit.pretrain.loss.dino_cross_entropy", lambda *a, **k: torch.tensor(float("nan")))
+    monkeypatch.setattr("ssl_xcit.pretrain.loss.dino_cross_entropy", nan_on_call(1))
     with pytest.raises(FloatingPointError, match="non-finite loss nan at step 0"):
         run_pretraining(tiny_config(tmp_path), tmp_path)
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
