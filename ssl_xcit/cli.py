@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "knn": ("ssl_xcit.eval.commands", "knn_command", "weighted k-NN classification (DINO protocol) on frozen features"),
     "linear": ("ssl_xcit.eval.commands", "linear_command", "linear probe on frozen features"),
     "submit": ("ssl_xcit.launch.submit", "submit_command", "pretraining on a SLURM cluster through submitit"),
+    "check-data": ("ssl_xcit.check_data", "check_data_command",
+                   "find the images of a dataset that cannot be decoded (PATH [--split S] [--workers N])"),
 }
 
 

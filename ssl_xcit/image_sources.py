@@ -26,13 +26,37 @@ from ssl_xcit.errors import UserError
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 
+class UnreadableImage(UserError):
+    """An image file that cannot be decoded; ``path`` names it.
+
+    Raised in a DataLoader worker, it reaches the main process as torch re-raises worker
+    errors: rebuilt from a multi-line report (``Caught UnreadableImage in DataLoader worker
+    ... Original Traceback ...``). The report's last line is this error's own one line,
+    which becomes the message again.
+    """
+
+    def __init__(self, path: str, reason: object = None) -> None:
+        if reason is None:  # torch's re-raise of a worker's error: the report is the only argument
+            line = str(path).strip().splitlines()[-1]
+            path, _, reason = line.partition("unreadable image ")[2].rpartition(": ")
+        super().__init__(f"unreadable image {path}: {reason}")
+        self.path, self.reason = str(path), str(reason)
+
+    def __reduce__(self) -> tuple:  # raised in data-loader workers: must survive pickling
+        return type(self), (self.path, self.reason)
+
+
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+"""What PIL raises for a file that is not a decodable image (truncated, corrupt, not an image, too big)."""
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB, or raise naming the file."""
+    """Open an image as RGB, or raise :class:`UnreadableImage` naming the file."""
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"unreadable image {path}: {err}") from err
+    except DECODE_ERRORS as err:
+        raise UnreadableImage(path, err) from err
 
 
 def extract_archive(archive: Path, cache_dir: Path) -> Path:

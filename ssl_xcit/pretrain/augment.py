@@ -22,12 +22,12 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ssl_xcit.pretrain import augment_ops as ops
 from ssl_xcit.pretrain.augment_params import CropParams, color_rows, sample_crops
 from ssl_xcit.pretrain.config import AugmentConfig
-from ssl_xcit.errors import UserError
+from ssl_xcit.image_sources import DECODE_ERRORS, UnreadableImage
 
 ImageLike = Union[str, os.PathLike, Image.Image, torch.Tensor]
 _ARANGE = torch.arange(256, dtype=torch.float32)
@@ -42,8 +42,8 @@ def open_image(image: ImageLike) -> Image.Image:
         return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
     try:
         return Image.open(image)
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"unreadable image {image}: {err}") from err
+    except DECODE_ERRORS as err:
+        raise UnreadableImage(str(image), err) from err
 
 
 def _decode(img: Image.Image, crops: list[CropParams]) -> tuple[Image.Image, float, float]:
@@ -57,8 +57,8 @@ def _decode(img: Image.Image, crops: list[CropParams]) -> tuple[Image.Image, flo
             img.draft("RGB", (-(-width // reduce), -(-height // reduce)))
     try:
         rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"unreadable image {getattr(img, 'filename', '')}: {err}") from err
+    except DECODE_ERRORS as err:
+        raise UnreadableImage(getattr(img, "filename", "") or "<image>", err) from err
     return rgb, rgb.width / width, rgb.height / height
 
 

@@ -65,6 +65,12 @@ class DataConfig:
     synthetic_size: int = 2048
     """Number of images of the 'synthetic' source."""
     synthetic_resolution: int = 256
+    on_bad_image: Literal["fail", "skip"] = "fail"
+    """An image that cannot be decoded: fail stops cleanly before its batch is trained (last.ckpt
+    saved, the file named); skip trains on the next readable image instead and lists the file in
+    <run.dir>/bad_images.txt. `ssl-xcit check-data PATH` finds such files before a run."""
+    max_bad_fraction: float = 0.01
+    """With on_bad_image skip: stop (cleanly) once more than this share of the images is unreadable."""
 
 
 @dataclass

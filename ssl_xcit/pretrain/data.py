@@ -13,15 +13,19 @@ from ssl_xcit.pretrain.augment import MultiCropAugmentation
 from ssl_xcit.pretrain.config import AugmentConfig, DataConfig
 from ssl_xcit.compat import batches_done
 from ssl_xcit.errors import UserError
+from ssl_xcit.pretrain.preemption import ignore_stop_signals
 from ssl_xcit.pretrain.sampler import ResumableDistributedSampler
-from ssl_xcit.image_sources import build_source
+from ssl_xcit.image_sources import UnreadableImage, build_source
 
 
 class MultiCropDataset(Dataset):
     """``(index, seed)`` → the crops of image ``index``, every random choice drawn from ``seed``.
 
-    ``on_device``: uint8 crops (cut, resized, flipped) and their colour parameters,
-    ``{"crops", "params"}``, which the module finishes on the training device.
+    A sample is ``{"crops": [C×S×S float] * n_crops, "bad": ""}``; ``on_device``: uint8 crops
+    (cut, resized, flipped) plus their colour parameters ``"params"``, which the module
+    finishes on the training device. An image that cannot be decoded is replaced by the
+    next readable one, augmented with the same seed, and named in ``"bad"`` (see
+    :mod:`ssl_xcit.pretrain.bad_images`).
     """
 
     def __init__(self, source: Dataset, augmentation: MultiCropAugmentation, on_device: bool = False) -> None:
@@ -40,10 +44,23 @@ class MultiCropDataset(Dataset):
             return source.samples[index][0]
         return source[index][0]
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
+    def _augment(self, index: int, seed: int) -> dict[str, Any]:
         image = self._image(index)
-        return self.augmentation.geometric(image, seed) if self.on_device else self.augmentation(image, seed)
+        if self.on_device:
+            return self.augmentation.geometric(image, seed)
+        return {"crops": self.augmentation(image, seed)}
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, seed = key
+        bad: list[str] = []
+        for candidate in range(index, index + len(self)):
+            try:
+                sample = self._augment(candidate % len(self), seed)
+            except UnreadableImage as err:
+                bad.append(err.path)
+                continue
+            return {**sample, "bad": "\n".join(bad)}
+        raise UserError(f"data.path: none of the {len(self)} images can be decoded, e.g. {bad[0]}")
 
 
 class PretrainDataModule(pl.LightningDataModule):
@@ -94,6 +111,7 @@ class PretrainDataModule(pl.LightningDataModule):
             drop_last=True,
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=ignore_stop_signals if workers > 0 else None,
             generator=torch.Generator().manual_seed(self.seed),  # keeps the global RNG out of it
         )
 

@@ -44,6 +44,12 @@ def build_student(cfg: PretrainConfig, drop_path_rate: float) -> MultiCropNet:
     return MultiCropNet(backbone, head)
 
 
+def logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes the loggers after the current step (its ``log_every_n_steps``
+    rule counts the step in progress): values logged on other steps would be overwritten."""
+    return (trainer.global_step + 1) % trainer.log_every_n_steps == 0
+
+
 def check_crop_sizes(cfg: PretrainConfig, patch: int) -> None:
     for key in ("global_crops_size", "local_crops_size"):
         size = getattr(cfg.augment, key)
@@ -108,8 +114,8 @@ class DINOModule(pl.LightningModule):
     # -- one step -----------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """augment.device=train: uint8 crops + colour parameters → normalised float crops."""
-        if isinstance(batch, dict) and "params" in batch:
-            return color_on_device(batch, self.cfg.augment)
+        if "params" in batch:
+            return {"crops": color_on_device(batch, self.cfg.augment), "bad": batch["bad"]}
         return batch
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -120,9 +126,11 @@ class DINOModule(pl.LightningModule):
             if group["apply_weight_decay"]:
                 group["weight_decay"] = values.weight_decay
 
-    def training_step(self, crops: list[torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        """``batch["crops"]``: 2 global then the local crops, each (B, 3, S, S), normalised."""
         values = self._values
         assert values is not None
+        crops = batch["crops"]
         teacher_logits = self.teacher(crops[:2])  # (2B, K)
         student_logits = self.student(crops)  # (V B, K)
         loss = self.loss_fn(student_logits, teacher_logits, values.teacher_temp)
@@ -134,7 +142,7 @@ class DINOModule(pl.LightningModule):
                 return None
         else:
             self._note_nonfinite(loss.detach())
-        if self.global_step % self.trainer.log_every_n_steps == 0:
+        if logs_this_step(self.trainer):
             self.raise_if_nonfinite_seen()
             self.log("train/loss", loss, prog_bar=True)
             self._log_schedules_and_signals(values, teacher_logits)

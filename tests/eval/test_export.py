@@ -158,3 +158,19 @@ def test_evaluate_checkpoint_script_runs_the_whole_chain(cifar_slice_archive, ti
     assert load_feature_store(tmp_path / "features" / "eval").features.shape == (100, 128)
     assert [r["k"] for r in json.loads((tmp_path / "knn.json").read_text())["results"]] == [10, 20, 100, 200]
     assert "test_top1" in json.loads((tmp_path / "linear.json").read_text())
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_an_unreadable_image_fails_the_export_naming_it(cifar_slice, tiny_checkpoint, tmp_path, capsys, workers):
+    """Features must not silently shift: no skipping in an export, one line naming the file
+    (also when the image is decoded in a loader worker)."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(cifar_slice / "test", root)
+    bad = sorted((root / "horse").iterdir())[2]
+    bad.write_bytes(bad.read_bytes()[:100])
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--data", str(root), "--resize", "32", "--crop", "32",
+                 "--num-workers", workers, "--progress", "false", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"unreadable image {bad}: " in err, err
