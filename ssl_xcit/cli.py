@@ -6,7 +6,7 @@ import importlib
 import sys
 from typing import Callable, Optional, Sequence
 
-from ssl_xcit.errors import UserError
+from ssl_xcit.errors import RunStopped, UserError
 
 # name -> (module, function, one-line summary); modules are imported only when their command runs
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -18,6 +18,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "knn": ("ssl_xcit.eval.commands", "knn_command", "weighted k-NN classification (DINO protocol) on frozen features"),
     "linear": ("ssl_xcit.eval.commands", "linear_command", "linear probe on frozen features"),
     "submit": ("ssl_xcit.launch.submit", "submit_command", "pretraining on a SLURM cluster through submitit"),
+    "attention": ("ssl_xcit.eval.visualise", "attention_command",
+                  "class-attention maps (and --pca patch-feature colours) of images as PNG"),
+    "report": ("ssl_xcit.pretrain.report", "report_command", "a run's training curves as a PNG or HTML page"),
     "check-data": ("ssl_xcit.check_data", "check_data_command",
                    "find the images of a dataset that cannot be decoded (PATH [--split S] [--workers N])"),
 }
@@ -51,8 +54,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as err:
         print(f"ssl-xcit {name}: error: {err}", file=sys.stderr)
         return 2
-    except FloatingPointError as err:
-        print(f"ssl-xcit {name}: error: {err}", file=sys.stderr)
+    except (RunStopped, FloatingPointError) as err:
+        print(f"ssl-xcit {name}: stopped: {err}", file=sys.stderr)
         return 1
 
 

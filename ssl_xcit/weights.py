@@ -134,6 +134,36 @@ def random_backbone(arch: Optional[str], seed: int = 0, **overrides: Any) -> Loa
     return LoadedBackbone(model, arch, f"{RANDOM}:{arch}:seed{seed}", extra={"backbone_kwargs": overrides})
 
 
+def read_checkpoint(path: str | Path, option: str, which: str) -> tuple[Path, Optional[dict[str, Any]]]:
+    """``path`` checked and read: (path, None) for a .safetensors file (read by its own
+    loader), else (path, the dict ``torch.load`` gives). Errors name ``option``.
+
+    Raises:
+        UserError: a missing or unreadable file, one that holds no dict, or ``which`` not
+            teacher/student.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{option}: {path} does not exist")
+    if which not in ("teacher", "student"):
+        raise UserError(f"{'--which' if option.startswith('--') else option + '_which'}: expected teacher or student, "
+                        f"got {which}")
+    if path.suffix == ".safetensors":
+        return path, None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise UserError(f"{option}: cannot read {path}: {err}") from err
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{option}: {path} does not hold a state dict")
+    return path, ckpt
+
+
+def is_run_checkpoint(ckpt: dict[str, Any]) -> bool:
+    """An ssl-xcit (Lightning) checkpoint, as opposed to an official DINO/XCiT or timm file."""
+    return "state_dict" in ckpt and "hyper_parameters" in ckpt
+
+
 def load_backbone(path: str | Path, which: str = "teacher", arch: Optional[str] = None, seed: int = 0) -> LoadedBackbone:
     """The backbone stored in ``path`` (see the module docstring), in eval mode on the CPU.
 
@@ -141,24 +171,14 @@ def load_backbone(path: str | Path, which: str = "teacher", arch: Optional[str] 
     """
     if str(path) == RANDOM:
         loaded = random_backbone(arch, seed)
-        loaded.model.eval()
-        return loaded
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--checkpoint: {path} does not exist")
-    if which not in ("teacher", "student"):
-        raise UserError(f"--which: expected teacher or student, got {which}")
-    if path.suffix == ".safetensors":
-        loaded = _from_safetensors(path, arch)
     else:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise UserError(f"--checkpoint: cannot read {path}: {err}") from err
-        if not isinstance(ckpt, dict):
-            raise UserError(f"--checkpoint: {path} does not hold a state dict")
-        loaded = _from_lightning(path, ckpt, which) if "state_dict" in ckpt and "hyper_parameters" in ckpt \
-            else _from_official(path, ckpt, which, arch)
+        path, ckpt = read_checkpoint(path, "--checkpoint", which)
+        if ckpt is None:
+            loaded = _from_safetensors(path, arch)
+        elif is_run_checkpoint(ckpt):
+            loaded = _from_lightning(path, ckpt, which)
+        else:
+            loaded = _from_official(path, ckpt, which, arch)
     loaded.model.eval()
     return loaded
 

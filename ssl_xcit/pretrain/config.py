@@ -189,6 +189,14 @@ class RunConfig:
     """Keep a periodic checkpoint every this many epochs (0: only last.ckpt)."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A non-finite loss stops the run with its step number, or skips that step's update."""
+    on_collapse: Literal["warn", "stop"] = "warn"
+    """When a collapse signal stays near log K after the warm-ups (teacher entropy: uniform outputs;
+    KL of the batch mean to uniform: one prototype wins): a one-line warning with the usual
+    remedies, or that warning and a clean stop (last.ckpt saved)."""
+    collapse_patience: int = 20
+    """Logged steps a collapse signal must stay near log K before the alarm."""
+    collapse_margin: float = 0.01
+    """'Near log K': within this fraction of log K."""
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ssl_xcit.errors import UserError
-from ssl_xcit.weights import official_to_timm
+from ssl_xcit.weights import is_run_checkpoint, official_to_timm, read_checkpoint
 
 G, V = "last_layer.parametrizations.weight.original0", "last_layer.parametrizations.weight.original1"
 Tensors = dict[str, torch.Tensor]
@@ -122,22 +122,12 @@ def _from_official_full(path: Path, ckpt: dict[str, Any], which: str) -> InitWei
 def read_init_checkpoint(path: str | Path, which: str = "teacher") -> InitWeights:
     """The weights a ``model.init`` file offers (see the module docstring); ``which`` picks
     the teacher or the student of a checkpoint that holds both."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"model.init: {path} does not exist")
-    if which not in ("teacher", "student"):
-        raise UserError(f"model.init_which: expected teacher or student, got {which}")
-    if path.suffix == ".safetensors":
+    path, ckpt = read_checkpoint(path, "model.init", which)
+    if ckpt is None:
         from safetensors.torch import load_file
 
         return split_backbone_and_head(load_file(str(path)), str(path))
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise UserError(f"model.init: cannot read {path}: {err}") from err
-    if not isinstance(ckpt, dict):
-        raise UserError(f"model.init: {path} does not hold a state dict")
-    if "state_dict" in ckpt and "hyper_parameters" in ckpt:
+    if is_run_checkpoint(ckpt):
         return _from_lightning(path, ckpt, which)
     if "teacher" in ckpt or "student" in ckpt:
         if not isinstance(ckpt.get(which), dict):

@@ -12,12 +12,15 @@ from ssl_xcit.errors import UserError
 from ssl_xcit.eval.export import Transformed, compute_features, eval_transform
 from ssl_xcit.eval.knn import knn_evaluate
 from ssl_xcit.image_sources import build_source
+from ssl_xcit.pretrain.collapse import rankme
 from ssl_xcit.pretrain.config import PretrainConfig
 from ssl_xcit.weights import random_backbone
 
 
 class KNNMonitor(pl.Callback):
-    """Logs ``knn/top1_k{k}`` (and top5) of the teacher backbone every ``every_n_epochs``.
+    """Logs ``knn/top1_k{k}`` (and top5) of the teacher backbone every ``every_n_epochs``, and
+    ``knn/rankme``, the effective rank of its features on the bank (dimensional collapse
+    shows there first).
 
     At step 0 of a fresh run it logs ``knn/random_top1_k{k}``, the same protocol on a
     randomly initialised backbone of the run's architecture (seeded by ``trainer.seed``),
@@ -96,12 +99,13 @@ class KNNMonitor(pl.Callback):
     def _evaluate_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> dict[str, Any]:
         result = self.evaluate(pl_module.teacher.backbone, pl_module.device)
         row = result["results"][0]
-        metrics = {self.key: row["top1"]}
+        metrics = {self.key: row["top1"], "knn/rankme": result["rankme"]}
         if row["top5"] is not None:
             metrics[f"knn/top5_k{row['k']}"] = row["top5"]
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        pl_module.print(f"{when}: teacher k-NN top-1 (k={row['k']}) {row['top1']:.2f} %")
+        pl_module.print(f"{when}: teacher k-NN top-1 (k={row['k']}) {row['top1']:.2f} %, "
+                        f"RankMe {result['rankme']:.1f} of {result['dim']}")
         return result
 
     def evaluate(self, backbone: torch.nn.Module, device: torch.device) -> dict[str, Any]:
@@ -114,7 +118,9 @@ class KNNMonitor(pl.Callback):
         finally:
             backbone.train(was_training)
         m = self.cfg.monitor
-        return knn_evaluate(train_x, train_y, val_x, val_y, ks=(m.k,), temperature=m.temperature)
+        report = knn_evaluate(train_x, train_y, val_x, val_y, ks=(m.k,), temperature=m.temperature)
+        report["rankme"], report["dim"] = rankme(torch.from_numpy(train_x)), train_x.shape[1]
+        return report
 
 
 def monitor_callbacks(cfg: PretrainConfig) -> list[pl.Callback]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 
 from ssl_xcit.pretrain import rng_state as rng
 from ssl_xcit.pretrain.augment import color_on_device
@@ -23,7 +24,7 @@ from ssl_xcit.compat import grad_scaler
 from ssl_xcit.errors import UserError
 from ssl_xcit.pretrain.head import DINOHead
 from ssl_xcit.pretrain.loss import DINOLoss
-from ssl_xcit.pretrain.collapse import collapse_signals
+from ssl_xcit.pretrain.collapse import CollapseWatch, collapse_signals
 from ssl_xcit.pretrain.optim import clip_gradients_per_tensor, drop_gradients, ema_update, param_groups
 from ssl_xcit.pretrain.schedules import DinoSchedules, ScheduleValues, scaled_lr
 
@@ -77,6 +78,8 @@ class DINOModule(pl.LightningModule):
         self._values: ScheduleValues | None = None  # the schedules at the current step
         self._skip_update = False
         self._first_nonfinite: torch.Tensor | None = None  # (step, loss) of the first non-finite loss, on the device
+        self.collapse_watch: CollapseWatch | None = None
+        self.stop_reason: str | None = None  # why the run stopped itself before its end
 
     # -- set-up -------------------------------------------------------------------------
     def global_batch_size(self) -> int:
@@ -106,6 +109,9 @@ class DINOModule(pl.LightningModule):
     def on_train_start(self) -> None:
         self.schedules = self.build_schedules()
         s = self.schedules
+        r = self.cfg.run
+        self.collapse_watch = CollapseWatch(self.cfg.model.out_dim, max(s.lr_warmup_steps, s.teacher_temp_warmup_steps),
+                                            r.collapse_patience, r.collapse_margin)
         self.print(
             f"global batch {self.global_batch_size()} on {self.trainer.world_size} process(es): "
             f"peak lr {s.peak_lr:.3g}, {s.total_steps} optimizer steps, {s.lr_warmup_steps} warm-up steps"
@@ -170,6 +176,7 @@ class DINOModule(pl.LightningModule):
     def _log_schedules_and_signals(self, values: Any, teacher_logits: torch.Tensor) -> None:
         signals = collapse_signals(teacher_logits.detach(), self.loss_fn.center, values.teacher_temp)
         self.log_dict({f"collapse/{k}": v for k, v in signals.items()})
+        self._sound_collapse_alarm(signals)
         self.log_dict(
             {
                 "schedule/lr": values.lr,
@@ -178,6 +185,16 @@ class DINOModule(pl.LightningModule):
                 "schedule/teacher_temp": values.teacher_temp,
             }
         )
+
+    def _sound_collapse_alarm(self, signals: dict[str, float]) -> None:
+        """Warn (``run.on_collapse: warn``) or also stop cleanly (``stop``: every rank agrees,
+        the step's checkpoint is written) when a collapse signal stays near log K."""
+        alarm = self.collapse_watch.update(self.global_step, signals) if self.collapse_watch else None
+        if alarm:
+            rank_zero_warn(alarm)
+        if self.cfg.run.on_collapse == "stop" and self.trainer.strategy.reduce_boolean_decision(bool(alarm), all=False):
+            self.stop_reason = alarm or "collapse signalled on another rank"
+            self.trainer.should_stop = True
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.current_epoch < self.cfg.optim.freeze_last_layer:

@@ -17,7 +17,7 @@ from ssl_xcit.pretrain.bad_images import BadImagePolicy
 from ssl_xcit.pretrain.checkpointing import LAST, AtomicCheckpointIO, RunCheckpoints, last_checkpoint
 from ssl_xcit.pretrain.config import PretrainConfig
 from ssl_xcit.pretrain.data import PretrainDataModule
-from ssl_xcit.errors import UserError
+from ssl_xcit.errors import RunStopped, UserError
 from ssl_xcit.pretrain.init_weights import init_module
 from ssl_xcit.pretrain.knn_monitor import monitor_callbacks
 from ssl_xcit.pretrain.module import DINOModule
@@ -143,4 +143,7 @@ def run_pretraining(
     if ckpt_path is not None:
         rank_zero_info(f"resuming from {ckpt_path}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    return run_dir / "checkpoints" / LAST
+    last = run_dir / "checkpoints" / LAST
+    if module.stop_reason:
+        raise RunStopped(f"{module.stop_reason}; run.on_collapse is stop: {last} holds step {trainer.global_step}")
+    return last

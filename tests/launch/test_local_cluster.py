@@ -56,6 +56,18 @@ def test_two_nodes_agree_with_one_process_on_the_center_update(tmp_path):
         assert torch.allclose(r0["center"], one["center"], atol=1e-6), (r0["center"] - one["center"]).abs().max()
 
 
+def results_within(job, timeout: float = 600) -> list:
+    """The job's task results, or a failure (the job cancelled) if it has not ended in ``timeout`` s:
+    a hung job must fail the test, not block the suite."""
+    deadline = time.time() + timeout
+    while not job.done():
+        if time.time() > deadline:
+            job.cancel(check=False)
+            raise AssertionError(f"job {job.job_id} still running after {timeout:.0f} s")
+        time.sleep(1)
+    return job.results()
+
+
 def _signal_tasks(controller_pid: str, signum: str) -> None:
     """Deliver ``signum`` to every task, as SLURM does (the local job id is its controller's pid)."""
     subprocess.run(["pkill", f"-{signum}", "-P", controller_pid], check=True)
@@ -86,13 +98,13 @@ def test_preempted_local_job_requeues_and_ends_bit_identical(tmp_path):
     """Two CPU processes under submitit's local executor: USR2 mid-epoch → checkpoint at the next
     step, requeue, resume; the final weights equal those of an uninterrupted job."""
     reference, = submit_jobs(two_task_job_args(tmp_path / "reference", "--cluster", "local"))
-    assert reference.results()[0].endswith("last.ckpt")
+    assert results_within(reference)[0].endswith("last.ckpt")
 
     run_dir = tmp_path / "preempted"
     job, = submit_jobs(two_task_job_args(run_dir, "--cluster", "local"))
     _wait_for_step(run_dir / "checkpoints" / "last.ckpt", 2)
     _signal_tasks(job.job_id, "USR2")
-    assert_requeued_once_and_identical(job.results()[0], run_dir, tmp_path / "reference")
+    assert_requeued_once_and_identical(results_within(job)[0], run_dir, tmp_path / "reference")
 
 
 def assert_requeued_once_and_identical(result: str, run_dir: Path, reference_dir: Path) -> int:

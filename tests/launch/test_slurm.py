@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ssl_xcit.launch.submit import submit_jobs
-from tests.launch.test_local_cluster import _wait_for_step, assert_requeued_once_and_identical, two_task_job_args
+from tests.launch.test_local_cluster import (_wait_for_step, assert_requeued_once_and_identical, results_within,
+                                             two_task_job_args)
 
 CLUSTER_ENV = Path(os.environ.get("SSL_XCIT_SLURM_DIR", "/tmp/ssl-xcit-slurm")) / "env.sh"
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -35,14 +36,14 @@ def slurm_cluster() -> None:
 
 def test_preempted_slurm_job_resumes_mid_epoch_and_continues_the_run(slurm_cluster, tmp_path):
     reference, = submit_jobs(two_task_job_args(tmp_path / "reference", *ON_SLURM))
-    assert reference.results()[0].endswith("last.ckpt")
+    assert results_within(reference)[0].endswith("last.ckpt")
 
     run_dir = tmp_path / "preempted"
     job, = submit_jobs(two_task_job_args(run_dir, *ON_SLURM))
     try:
         _wait_for_step(run_dir / "checkpoints" / "last.ckpt", 2)
         subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True, timeout=30)
-        result = job.results()[0]
+        result = results_within(job)[0]
     finally:
         subprocess.run(["scancel", job.job_id], check=False, timeout=30)
     stopped = assert_requeued_once_and_identical(result, run_dir, tmp_path / "reference")

@@ -118,7 +118,7 @@ def test_killed_process_resumes_from_last_periodic_checkpoint_bit_identically(un
             break
         time.sleep(0.2)
     proc.kill()
-    proc.wait()
+    proc.wait(timeout=60)
     assert torch.load(last, weights_only=True)["global_step"] < TOTAL, "the run finished before it was killed"
     assert main(["pretrain", *args]) == 0
     assert_bit_identical(uninterrupted, final_state(tmp_path))
