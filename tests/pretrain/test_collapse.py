@@ -29,7 +29,7 @@ def test_fires_once_after_patience_naming_the_signal_and_remedies(signal, form):
     said = [watch.update(step, collapsed) for step in range(0, 200, 10)]
     fired = [(step, line) for step, line in zip(range(0, 200, 10), said) if line]
     assert len(fired) == 1 and fired[0][0] == 140  # steps 100..140 are the first 5 judged
-    assert f"collapse at step 140" in fired[0][1] and form in fired[0][1] and "usual remedies" in fired[0][1]
+    assert "collapse at step 140" in fired[0][1] and form in fired[0][1] and "usual remedies" in fired[0][1]
 
 
 def test_a_streak_is_broken_by_one_healthy_step():
