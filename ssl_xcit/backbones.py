@@ -52,10 +52,13 @@ class MultiCropNet(nn.Module):
         self.backbone = backbone
         self.head = head
 
+    def embed(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        """V crops, each (B, 3, H_v, W_v) → backbone embeddings (V * B, D), view-major."""
+        return torch.cat([self.backbone(torch.cat(group)) for group in _resolution_groups(crops)])
+
     def forward(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
         """V crops, each (B, 3, H_v, W_v) → logits (V * B, out_dim), view-major."""
-        embeddings = [self.backbone(torch.cat(group)) for group in _resolution_groups(crops)]
-        return self.head(torch.cat(embeddings))
+        return self.head(self.embed(crops))
 
 
 def _resolution_groups(crops: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -164,13 +164,15 @@ def is_run_checkpoint(ckpt: dict[str, Any]) -> bool:
     return "state_dict" in ckpt and "hyper_parameters" in ckpt
 
 
-def load_backbone(path: str | Path, which: str = "teacher", arch: Optional[str] = None, seed: int = 0) -> LoadedBackbone:
+def load_backbone(path: str | Path, which: str = "teacher", arch: Optional[str] = None, seed: int = 0,
+                  random_overrides: Optional[dict[str, Any]] = None) -> LoadedBackbone:
     """The backbone stored in ``path`` (see the module docstring), in eval mode on the CPU.
 
-    ``path`` = 'random' gives a randomly initialised ``arch`` seeded by ``seed``.
+    ``path`` = 'random' gives a randomly initialised ``arch`` (with timm keyword
+    ``random_overrides``) seeded by ``seed``.
     """
     if str(path) == RANDOM:
-        loaded = random_backbone(arch, seed)
+        loaded = random_backbone(arch, seed, **(random_overrides or {}))
     else:
         path, ckpt = read_checkpoint(path, "--checkpoint", which)
         if ckpt is None:

@@ -45,7 +45,7 @@ def _require(opts: Any, *keys: str) -> None:
 
 
 def _backbone(opts: BackboneOptions) -> LoadedBackbone:
-    return load_backbone(opts.checkpoint, opts.which, opts.arch, opts.init_seed)  # type: ignore[arg-type]
+    return load_backbone(opts.checkpoint, opts.which, opts.arch, opts.init_seed, opts.backbone_kwargs)  # type: ignore[arg-type]
 
 
 def _with_normalisation(loaded: LoadedBackbone, opts: TransformOptions) -> LoadedBackbone:

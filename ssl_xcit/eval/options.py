@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from ssl_xcit.eval.knn import DEFAULT_KS
 from ssl_xcit.eval.linear_grid import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS
@@ -28,6 +28,9 @@ class BackboneOptions:
     """timm XCiT name; needed for official checkpoints and for 'random'."""
     init_seed: int = 0
     """Seed of --checkpoint random's initialisation (same seed, same features)."""
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    """timm keyword overrides of --checkpoint random's --arch, as the run's model.backbone_kwargs
+    (e.g. {depth: 6}), so that the floor is the same architecture."""
 
 
 @dataclass

@@ -126,7 +126,7 @@ def attention_command(argv: Sequence[str]) -> int:
     if not 0 < opts.keep <= 1:
         raise UserError(f"--keep: a share of the attention mass in (0, 1], got {opts.keep}")
     paths, out = image_paths(opts.images), Path(opts.out)
-    loaded = load_backbone(opts.checkpoint, opts.which, opts.arch, opts.init_seed)
+    loaded = load_backbone(opts.checkpoint, opts.which, opts.arch, opts.init_seed, opts.backbone_kwargs)
     patch = patch_size(loaded.model)
     names = output_names(paths)
     for path, name in zip(paths, names):

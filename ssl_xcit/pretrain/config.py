@@ -122,6 +122,9 @@ class DinoConfig:
     """Student softmax temperature."""
     center_momentum: float = 0.9
     """EMA momentum of the center subtracted from teacher outputs (prevents one-prototype collapse)."""
+    koleo_weight: float = 0.0
+    """Weight of DINOv2's KoLeo term on the student's global-crop class tokens (0: DINO as published;
+    DINOv2 uses 0.1). It spreads the class tokens, which k-NN retrieval rewards."""
 
 
 @dataclass

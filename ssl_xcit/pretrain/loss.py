@@ -104,3 +104,20 @@ class DINOLoss(nn.Module):
         """``center <- m * center + (1 - m) * mean(teacher logits over the global batch)``."""
         batch_center = all_reduce_mean(teacher_logits.float().mean(dim=0, keepdim=True))
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+
+
+def koleo_loss(embeddings: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The Kozachenko-Leonenko entropy term DINOv2 adds to DINO (arXiv 2304.07193, Sec. 4;
+    Sablayrolles et al., 2019): ``-mean_i log ||x_i - x_nn(i)||`` over L2-normalised
+    embeddings, ``nn(i)`` the nearest other embedding of the batch. Minimising it spreads
+    the embeddings over the sphere, which nearest-neighbour retrieval rewards.
+
+    Args:
+        embeddings: (B, D) the student's class tokens of one view, B >= 2.
+    """
+    x = F.normalize(embeddings.float(), dim=-1, eps=eps)
+    with torch.no_grad():
+        similarity = x @ x.T  # (B, B)
+        similarity.fill_diagonal_(-2.0)  # never one's own neighbour
+        nearest = similarity.argmax(dim=1)
+    return -torch.log((x - x[nearest]).norm(dim=-1) + eps).mean()

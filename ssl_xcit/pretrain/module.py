@@ -23,7 +23,7 @@ from ssl_xcit.pretrain.config import PretrainConfig
 from ssl_xcit.compat import grad_scaler
 from ssl_xcit.errors import UserError
 from ssl_xcit.pretrain.head import DINOHead
-from ssl_xcit.pretrain.loss import DINOLoss
+from ssl_xcit.pretrain.loss import DINOLoss, koleo_loss
 from ssl_xcit.pretrain.collapse import CollapseWatch, collapse_signals
 from ssl_xcit.pretrain.optim import clip_gradients_per_tensor, drop_gradients, ema_update, param_groups
 from ssl_xcit.pretrain.schedules import DinoSchedules, ScheduleValues, scaled_lr
@@ -138,8 +138,11 @@ class DINOModule(pl.LightningModule):
         assert values is not None
         crops = batch["crops"]
         teacher_logits = self.teacher(crops[:2])  # (2B, K)
-        student_logits = self.student(crops)  # (V B, K)
-        loss = self.loss_fn(student_logits, teacher_logits, values.teacher_temp)
+        student_embeddings = self.student.embed(crops)  # (V B, D)
+        student_logits = self.student.head(student_embeddings)  # (V B, K)
+        dino = self.loss_fn(student_logits, teacher_logits, values.teacher_temp)
+        koleo = self._koleo(student_embeddings[: 2 * len(crops[0])])
+        loss = dino if koleo is None else dino + self.cfg.dino.koleo_weight * koleo
         if self.cfg.run.on_nonfinite == "skip":
             # skipping must know before the update: one host sync per step, the price of this choice
             self._skip_update = not math.isfinite(loss.item())
@@ -151,8 +154,16 @@ class DINOModule(pl.LightningModule):
         if logs_this_step(self.trainer):
             self.raise_if_nonfinite_seen()
             self.log("train/loss", loss, prog_bar=True)
+            if koleo is not None:
+                self.log_dict({"train/dino_loss": dino, "train/koleo": koleo})
             self._log_schedules_and_signals(values, teacher_logits)
         return loss
+
+    def _koleo(self, global_embeddings: torch.Tensor) -> torch.Tensor | None:
+        """KoLeo of the student's class tokens, one term per global view (2B, D), or None when off."""
+        if self.cfg.dino.koleo_weight <= 0:
+            return None
+        return sum(koleo_loss(view) for view in global_embeddings.chunk(2))
 
     def _note_nonfinite(self, loss: torch.Tensor) -> None:
         """Remember the first non-finite loss on the device, without waiting for it (no host

@@ -3,12 +3,15 @@
 Skipped, with the reason, where no cluster answers. `.ci/run` starts one.
 """
 
+import csv
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ssl_xcit.launch.submit import submit_jobs
 from tests.launch.test_local_cluster import (_wait_for_step, assert_requeued_once_and_identical, results_within,
@@ -55,7 +58,46 @@ def test_preempted_slurm_job_resumes_mid_epoch_and_continues_the_run(slurm_clust
 
 
 def _losses(path: Path) -> dict[int, str]:
-    import csv
-
     with open(path) as f:
         return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+MONITOR = ["--monitor.every_n_epochs", "1", "--monitor.train_path", "synthetic", "--monitor.max_train_images", "1500",
+           "--monitor.max_val_images", "500", "--monitor.resize", "32", "--monitor.crop", "32", "--monitor.k", "5"]
+
+
+def _job_state(job_id: str) -> str:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+    return out.split("JobState=")[1].split()[0] if "JobState=" in out else "UNKNOWN"
+
+
+def test_requeue_during_the_monitor_resumes_and_ends_identical(slurm_cluster, tmp_path):
+    """`scontrol requeue` right after epoch 0's last checkpoint, while the k-NN monitor runs:
+    SLURM signals every process of the step (the loader workers too), the job stops or is
+    killed, SLURM starts it again, and it ends at the same step as an uninterrupted job
+    with the same weights and a k-NN figure for every epoch."""
+    reference, = submit_jobs(two_task_job_args(tmp_path / "reference", *ON_SLURM) + MONITOR)
+    assert results_within(reference)[0].endswith("last.ckpt")
+
+    run_dir = tmp_path / "requeued"
+    job, = submit_jobs(two_task_job_args(run_dir, *ON_SLURM) + MONITOR)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    try:
+        _wait_for_step(last, 16)  # epoch 0's last batch (16 steps an epoch): its monitor starts now
+        subprocess.run(["scontrol", "requeue", job.job_id], check=True, timeout=30)
+        _wait_for_step(last, 40, timeout=600)
+        deadline = time.time() + 300
+        while _job_state(job.job_id) != "COMPLETED" and time.time() < deadline:
+            time.sleep(1)
+        assert _job_state(job.job_id) == "COMPLETED"
+    finally:
+        subprocess.run(["scancel", job.job_id], check=False, timeout=30)
+    log = (run_dir / "job.log").read_text()
+    assert log.count(" start (requeue") == 2, log
+    a = torch.load(tmp_path / "reference" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert a["global_step"] == b["global_step"] == 40
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    logged = {int(r["step"]) for p in (run_dir / "logs").glob("version_*/metrics.csv")
+              for r in csv.DictReader(open(p)) if r.get("knn/top1_k5")}
+    assert logged == {16, 32}, logged

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ssl_xcit.pretrain.loss import DINOLoss, dino_cross_entropy
+from ssl_xcit.pretrain.loss import DINOLoss, dino_cross_entropy, koleo_loss
 
 
 def naive_dino_loss(student, teacher, center, n_views, student_temp, teacher_temp):
@@ -63,3 +63,24 @@ def test_loss_uses_center_before_update():
 
 def test_center_is_in_state_dict():
     assert "center" in DINOLoss(out_dim=4, n_student_views=2).state_dict()
+
+
+def naive_koleo(points):
+    """-1/n Σ_i log min_{j≠i} ||x_i/|x_i| - x_j/|x_j|||, by brute force over every pair."""
+    unit = [[v / math.sqrt(sum(w * w for w in p)) for v in p] for p in points]
+    total = 0.0
+    for i, a in enumerate(unit):
+        total += math.log(min(math.dist(a, b) for j, b in enumerate(unit) if j != i))
+    return -total / len(unit)
+
+
+@pytest.mark.parametrize("batch,dim", [(2, 3), (7, 4), (16, 8)])
+def test_koleo_matches_brute_force_nearest_neighbours(batch, dim):
+    points = torch.randn(batch, dim, generator=torch.Generator().manual_seed(batch), dtype=torch.float64) * 3
+    assert koleo_loss(points).item() == pytest.approx(naive_koleo(points.tolist()), rel=1e-5)
+
+
+def test_koleo_rewards_spread_embeddings():
+    tight = torch.tensor([[1.0, 0.0], [1.0, 0.01], [1.0, -0.01], [1.0, 0.02]])
+    spread = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    assert koleo_loss(spread) < koleo_loss(tight)
