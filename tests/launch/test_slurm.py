@@ -98,6 +98,12 @@ def test_requeue_during_the_monitor_resumes_and_ends_identical(slurm_cluster, tm
     b = torch.load(last, weights_only=True)
     assert a["global_step"] == b["global_step"] == 40
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    logged = {int(r["step"]) for p in (run_dir / "logs").glob("version_*/metrics.csv")
-              for r in csv.DictReader(open(p)) if r.get("knn/top1_k5")}
-    assert logged == {16, 32}, logged
+    logged, expected = _knn_steps(run_dir), _knn_steps(tmp_path / "reference")
+    # every epoch's end (16, 32) and the run's end at max_steps (40, within epoch 2) has its figure
+    assert expected == {16, 32, 40}, expected
+    assert logged == expected, logged
+
+
+def _knn_steps(run_dir: Path) -> set[int]:
+    return {int(r["step"]) for p in (run_dir / "logs").glob("version_*/metrics.csv")
+            for r in csv.DictReader(open(p)) if r.get("knn/top1_k5")}
