@@ -2,9 +2,11 @@
 
 Runs the real LightningModule under a real Trainer. By default the crops are random tensors
 made once, so the figure is the model's (teacher forward, student forward and backward,
-AdamW, EMA); ``--with-data`` feeds it the full multi-crop augmentation pipeline instead.
+AdamW, EMA); ``--data PATH`` feeds it real images through the full multi-crop pipeline
+instead (``--data synthetic`` for generated ones), with ``--augment-device workers|train``.
 
     python benchmarks/train_throughput.py --arch xcit_nano_12_p16_224 --batch 16 --device cpu
+    python benchmarks/train_throughput.py --arch xcit_nano_12_p16_224 --batch 16 --data /tmp/imagenette2-224 --workers 2
     python benchmarks/train_throughput.py --arch xcit_small_12_p16_224 --batch 128 --device cuda --precision bf16-mixed --peak-tflops 989
 """
 
@@ -20,7 +22,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from ssl_xcit.pretrain.config import AugmentConfig, DataConfig, ModelConfig, PretrainConfig, TrainerConfig
+from ssl_xcit.pretrain.config import (
+    AugmentConfig,
+    DataConfig,
+    ModelConfig,
+    PretrainConfig,
+    TrainerConfig,
+)
 from ssl_xcit.pretrain.data import PretrainDataModule
 from ssl_xcit.pretrain.module import DINOModule
 
@@ -35,8 +43,8 @@ class FixedCrops(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> list[torch.Tensor]:
-        return self.crops
+    def __getitem__(self, index: int) -> dict[str, object]:
+        return {"crops": self.crops, "bad": ""}  # the batch format the data module yields
 
 
 class StepTimer(pl.Callback):
@@ -82,7 +90,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
-    p.add_argument("--with-data", action="store_true", help="include JPEG-free synthetic images through the full augmentation")
+    p.add_argument("--data", default=None, help="an image folder or .tar.gz (or 'synthetic') through the full "
+                   "augmentation; default: fixed tensors, the model alone")
+    p.add_argument("--augment-device", default="workers", choices=["workers", "train"])
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense TFLOP/s, for MFU")
     return p.parse_args()
@@ -92,21 +102,21 @@ def main() -> None:
     args = parse_args()
     cfg = PretrainConfig(
         model=ModelConfig(arch=args.arch, out_dim=args.out_dim),
-        data=DataConfig(path="synthetic", batch_size_per_device=args.batch, num_workers=args.workers,
+        data=DataConfig(path=args.data or "synthetic", batch_size_per_device=args.batch, num_workers=args.workers,
                         synthetic_size=args.batch * (args.steps + args.warmup + 1)),
         augment=AugmentConfig(global_crops_size=args.global_crops_size, local_crops_size=args.local_crops_size,
-                              local_crops_number=args.local_crops_number),
+                              local_crops_number=args.local_crops_number, device=args.augment_device),
         trainer=TrainerConfig(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision=args.precision),
     )
     module = DINOModule(cfg)
-    sample = FixedCrops(1, args.global_crops_size, args.local_crops_size, args.local_crops_number)[0]
+    sample = FixedCrops(1, args.global_crops_size, args.local_crops_size, args.local_crops_number)[0]["crops"]
     flops = step_flops(module, [c.unsqueeze(0).repeat(args.batch, 1, 1, 1) for c in sample])
     timer = StepTimer(args.warmup)
     precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
     trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=precision,
                          max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
-    if args.with_data:
+    if args.data:
         trainer.fit(module, datamodule=PretrainDataModule(cfg.data, cfg.augment))
     else:
         data = FixedCrops(args.batch * (args.steps + args.warmup + 1), args.global_crops_size,
@@ -115,7 +125,7 @@ def main() -> None:
     seconds = timer.end - timer.start
     rate = timer.steps * args.batch / seconds
     print(f"arch {args.arch}  crops 2x{args.global_crops_size}+{args.local_crops_number}x{args.local_crops_size}  "
-          f"batch {args.batch}  precision {precision}  device {args.device}  data {'augmented' if args.with_data else 'fixed tensors'}")
+          f"batch {args.batch}  precision {precision}  device {args.device}  data {args.data + ' augmented on ' + args.augment_device if args.data else 'fixed tensors'}")
     print(f"samples/s        {rate:10.2f}   ({timer.steps} steps in {seconds:.2f} s)")
     print(f"step FLOPs       {flops / 1e12:10.3f} TFLOP  ({flops / args.batch / 1e9:.1f} GFLOP per image)")
     print(f"achieved         {flops * timer.steps / seconds / 1e12:10.3f} TFLOP/s")
