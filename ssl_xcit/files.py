@@ -17,12 +17,21 @@ from typing import IO, Any, Callable
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write`` on a fresh temporary file beside ``path``, fsync, rename over ``path``."""
+    """Call ``write`` on a fresh temporary file beside ``path``, fsync, rename over ``path``.
+    The file gets the permissions ``open`` would give it (0666 less the umask), not the
+    owner-only ones of a temporary file, so a shared run folder stays readable."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
