@@ -104,19 +104,28 @@ def draw_attention(image: Image.Image, maps: torch.Tensor, keep: float, patch: i
     return out
 
 
+MIN_PICTURE_SIDE = 256
+
+
 def draw_pca(image: Image.Image, colours: torch.Tensor, out: Path) -> Path:
-    """The image beside its patch colours (each patch a block of its colour)."""
+    """The image beside its patch colours (each patch a block of its colour), enlarged by a
+    whole factor (nearest pixel) until it is at least MIN_PICTURE_SIDE high, so that a
+    32-px image is still seen."""
     patch = image.height // colours.shape[0]
     rgb = (upsample(colours.permute(2, 0, 1)[None], patch)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
     side_by_side = np.concatenate([np.asarray(image), rgb], axis=1)
+    factor = -(-MIN_PICTURE_SIDE // side_by_side.shape[0])
+    side_by_side = side_by_side.repeat(factor, axis=0).repeat(factor, axis=1)
     atomic_write(out, lambda f: Image.fromarray(side_by_side).save(f, format="PNG"))
     return out
 
 
 def output_names(paths: Sequence[Path]) -> list[str]:
-    """File stems, made unique by their position where two images share one."""
+    """File stems; where two images share one, ``<folder>_<stem>`` (class folders keep their
+    names), and the position in front where that is not unique either."""
     stems = [p.stem for p in paths]
-    return [f"{i:03d}_{s}" if stems.count(s) > 1 else s for i, s in enumerate(stems)]
+    named = [f"{p.parent.name}_{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
+    return [f"{i:03d}_{n}" if named.count(n) > 1 else n for i, n in enumerate(named)]
 
 
 def attention_command(argv: Sequence[str]) -> int:

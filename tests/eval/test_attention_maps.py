@@ -96,7 +96,17 @@ def test_attention_command_writes_pictures_that_decode(tiny_checkpoint, cifar_sl
         with Image.open(out / f"{image.stem}_attention.png") as picture:
             assert picture.format == "PNG" and picture.width > picture.height > 100
         with Image.open(out / f"{image.stem}_pca.png") as picture:
-            assert picture.size == (128, 64) and picture.mode == "RGB"  # the image beside its colours
+            assert picture.size == (512, 256) and picture.mode == "RGB"  # the image beside its colours, x4
+
+
+def test_output_names_stay_unique_and_readable():
+    from pathlib import Path
+
+    from ssl_xcit.eval.visualise import output_names
+
+    assert output_names([Path("a/cat.jpg"), Path("a/dog.jpg")]) == ["cat", "dog"]
+    assert output_names([Path("cat/0007.jpg"), Path("dog/0007.jpg")]) == ["cat_0007", "dog_0007"]
+    assert output_names([Path("x/cat/1.jpg"), Path("y/cat/1.jpg"), Path("z/2.jpg")]) == ["000_cat_1", "001_cat_1", "2"]
 
 
 def test_attention_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
