@@ -18,6 +18,15 @@ import torch
 
 
 def _umask() -> int:
+    """The process's umask, read where Linux shows it (/proc/self/status) rather than by setting
+    it, which would race with files other threads create meanwhile; set and restored elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from ssl_xcit.cli import main
-from ssl_xcit.eval.export import Transformed, eval_transform
+from ssl_xcit.eval.export import Transformed, compute_features, eval_transform
 from ssl_xcit.eval.knn import knn_evaluate
 from ssl_xcit.image_sources import build_source
 from ssl_xcit.weights import load_backbone, random_backbone
@@ -57,14 +57,11 @@ def pretrain(data: Path, run_dir: Path, **overrides: str) -> Path:
 
 
 def patch_mean_features(backbone: torch.nn.Module, images: Transformed) -> tuple[np.ndarray, np.ndarray]:
+    """The mean patch token: the second half of the export's ``cls+avgpool`` feature."""
     backbone.eval()
-    loader = torch.utils.data.DataLoader(images, batch_size=250)
-    features, labels = [], []
-    with torch.no_grad():
-        for x, y in loader:
-            features.append(backbone.forward_features(x)[:, 1:].mean(dim=1))
-            labels.append(y)
-    return torch.cat(features).numpy(), torch.cat(labels).numpy()
+    features, labels = compute_features(backbone, images, batch_size=250, num_workers=0,
+                                        device=torch.device("cpu"), variant="cls+avgpool")
+    return features[:, features.shape[1] // 2:], labels
 
 
 def knn_top1(backbone: torch.nn.Module, data: Path, cache: Path) -> float:
