@@ -4,7 +4,7 @@
 #
 #   bash eval/evaluate_checkpoint.sh CHECKPOINT DATA OUT_DIR [PROTOCOL] [extra options]
 #   bash eval/evaluate_checkpoint.sh runs/quickstart/checkpoints/last.ckpt \
-#        ../shared/data/cifar10-jpeg.tar.gz eval-quickstart eval/cifar32_knn.yaml
+#        ../shared/data/cifar10-jpeg.tar.gz eval-quickstart eval/cifar64_knn.yaml
 #
 # DATA holds train/ and val/ (or test/) class folders, or is a .tar.gz of such a tree.
 # PROTOCOL (default eval/dino_knn.yaml) sets the evaluation transform and the k-NN settings.
