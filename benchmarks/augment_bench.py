@@ -4,8 +4,10 @@ The classic pipeline is written here from DINO's published parameters (torchvisi
 transforms: RandomResizedCrop bicubic, flip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8,
 grayscale 0.2, PIL Gaussian blur σ∈U(0.1, 2) with p 1.0 / 0.1 / 0.5, solarize p=0.2 on
 global crop 2, ToTensor + Normalize), decoding with ``Image.open(path).convert("RGB")``.
-Ours: the worker path (``augment.device: workers``) and the on-device path's two shares
-(worker: decode + crop + flip; device: batched colour on this CPU). Every sample is run
+Ours: each path's two shares. ``augment.device: workers``: the worker does the whole recipe
+and ships uint8 crops, the training device normalises them; ``augment.device: train``: the
+worker decodes, crops and flips, the device does the colour work in batches (both device
+shares timed here on this CPU). Every sample is run
 through each pipeline in turn (interleaved), decode included; medians over all samples.
 
     python benchmarks/augment_bench.py --imagenette /tmp/aug-data/imagenette2-224/train \\
@@ -24,7 +26,11 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
-from ssl_xcit.pretrain.augment import MultiCropAugmentation, color_on_device
+from ssl_xcit.pretrain.augment import (
+    MultiCropAugmentation,
+    color_on_device,
+    normalize_crops,
+)
 from ssl_xcit.pretrain.config import AugmentConfig
 
 
@@ -56,7 +62,7 @@ class ClassicDINO:
             T.RandomGrayscale(p=cfg.grayscale_p),
         ]
         norm = [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
-        crop = lambda size, scale: T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC)  # noqa: E731
+        crop = lambda size, scale: T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC)
         g, gs = cfg.global_crops_size, cfg.global_crops_scale
         self.global1 = T.Compose([crop(g, gs), *colour, ClassicBlur(cfg.blur_p_global1, cfg.blur_sigma), *norm])
         self.global2 = T.Compose([crop(g, gs), *colour, ClassicBlur(cfg.blur_p_global2, cfg.blur_sigma),
@@ -73,16 +79,23 @@ class ClassicDINO:
 
 def bench(name: str, paths: list[str], cfg: AugmentConfig, rounds: int, batch: int) -> None:
     classic, ours = ClassicDINO(cfg), MultiCropAugmentation(cfg)
-    times: dict[str, list[float]] = {"classic": [], "workers": [], "train:worker": [], "train:device": []}
+    times: dict[str, list[float]] = {"classic": [], "workers": [], "workers:device": [], "train:worker": [],
+                                     "train:device": []}
     pending: list[dict] = []
+    shipped: list[list[torch.Tensor]] = []
 
-    def device_share() -> None:
+    def device_shares() -> None:
         collated = {"crops": [torch.stack([s["crops"][i] for s in pending]) for i in range(ours.n_crops)],
                     "params": torch.stack([s["params"] for s in pending])}
         start = time.perf_counter()
         color_on_device(collated, cfg)
         times["train:device"].append((time.perf_counter() - start) / len(pending))
+        collated = [torch.stack([s[i] for s in shipped]) for i in range(ours.n_crops)]
+        start = time.perf_counter()
+        normalize_crops(collated, cfg)
+        times["workers:device"].append((time.perf_counter() - start) / len(shipped))
         pending.clear()
+        shipped.clear()
 
     seed = 0
     for _ in range(rounds):
@@ -90,24 +103,26 @@ def bench(name: str, paths: list[str], cfg: AugmentConfig, rounds: int, batch: i
             seed += 1
             random.seed(seed)
             torch.manual_seed(seed)
-            for key, fn in (("classic", lambda: classic(path)), ("workers", lambda: ours(path, seed)),
+            for key, fn in (("classic", lambda: classic(path)),
+                            ("workers", lambda: shipped.append(ours.worker_crops(path, seed))),
                             ("train:worker", lambda: pending.append(ours.geometric(path, seed)))):
                 start = time.perf_counter()
                 fn()
                 times[key].append(time.perf_counter() - start)
             if len(pending) == batch:
-                device_share()
+                device_shares()
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items() if v}
     ref = ms["classic"]
     crops = f"2x{cfg.global_crops_size}+{cfg.local_crops_number}x{cfg.local_crops_size}"
     print(f"\n{name}: {len(paths)} JPEGs x {rounds} rounds, crops {crops}, one thread, median ms/sample")
-    print(f"  classic PIL (DINO)        {ref:8.2f}")
-    print(f"  ours, augment.device=workers {ms['workers']:5.2f}   classic/ours = {ref / ms['workers']:.2f}x")
+    row = lambda label, value, note: print(f"  {label:30s} {value:7.2f}   {note}")
+    row("classic PIL (DINO), worker", ref, "the reference: the whole recipe in the worker")
     if "train:device" in ms:
-        w, d = ms["train:worker"], ms["train:device"]
-        print(f"  ours, device=train worker {w:8.2f}   classic/worker share = {ref / w:.2f}x")
-        print(f"  ours, device=train device {d:8.2f}   (batched colour of {batch} samples on this CPU)")
-        print(f"  ours, device=train total  {w + d:8.2f}   classic/total = {ref / (w + d):.2f}x")
+        for path, what in (("workers", "uint8 -> normalised floats"), ("train", "batched colour")):
+            w, d = ms["workers" if path == "workers" else "train:worker"], ms[f"{path}:device"]
+            row(f"ours, device={path}, worker", w, f"classic/worker share = {ref / w:.2f}x")
+            row(f"ours, device={path}, device", d, f"({what}, batches of {batch}, on this CPU)")
+            row(f"ours, device={path}, total", w + d, f"classic/total = {ref / (w + d):.2f}x")
 
 
 def main() -> None:

@@ -6,10 +6,11 @@ applied:
 
 - ``__call__`` (``augment.device: workers``): the whole recipe in the data-loader worker.
   The JPEG is decoded once, at reduced size (draft) when every crop allows it; each crop is
-  cut and resized in one bicubic PIL resample, flipped, then coloured on 8 bits (brightness
-  and contrast as lookup tables, saturation as PIL's blend, hue by an exact HSV rotation),
-  and only then converted to float, once per crop size, for the blur (a separable kernel
-  sized to the crop's σ), solarisation and normalisation.
+  cut and resized in one bicubic PIL resample and flipped. Its colour ops run on 8 bits in
+  PIL (brightness and contrast as lookup tables, saturation as PIL's blend) up to the hue;
+  the crop then leaves PIL once, into the float batch of its size, where the hue (an exact
+  HSV rotation) and the ops after it run, then the blur (a separable kernel sized to the
+  crop's σ), solarisation and normalisation.
 - ``geometric`` (``augment.device: train``): decode, crop, resize and flip only; the uint8
   crops and their colour parameters go to the training device, where
   :func:`ssl_xcit.augment_ops.color_batch` finishes them in batches.
@@ -31,6 +32,7 @@ from ssl_xcit.image_sources import DECODE_ERRORS, UnreadableImage
 
 ImageLike = Union[str, os.PathLike, Image.Image, torch.Tensor]
 _ARANGE = torch.arange(256, dtype=torch.float32)
+_LEVELS = np.arange(256, dtype=np.float64)
 
 
 def open_image(image: ImageLike) -> Image.Image:
@@ -77,35 +79,50 @@ def _point(img: Image.Image, values: torch.Tensor) -> Image.Image:
         return img.point(lut)
 
 
-def _hue_pil(img: Image.Image, shift: float) -> Image.Image:
-    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().contiguous()  # planes: fewer strided ops
-    out = ops.hue(x, _f32(shift))
-    return Image.fromarray(out.numpy().astype(np.uint8).transpose(1, 2, 0))
-
-
 def _f32(value: float) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float64).float()
 
 
-def color_pil(img: Image.Image, c: CropParams) -> Image.Image:
-    """Jitter (in its sampled order) and grayscale of one RGB crop, on 8 bits."""
-    if c.jitter:
-        b, k, s, h = c.factors
-        for op in c.order:
-            if op == 0:
-                img = _point(img, ops.brightness(_ARANGE, _f32(b)))
-            elif op == 1:
-                hist = img.convert("L").histogram()
-                mean = sum(i * n for i, n in enumerate(hist)) / (img.width * img.height)
-                center = ops.contrast_center(torch.tensor(mean, dtype=torch.float64))
-                img = _point(img, ops.contrast(_ARANGE, _f32(k), center))
-            elif op == 2:
-                img = Image.blend(img.convert("L").convert("RGB"), img, s)
-            elif h != 0:
-                img = _hue_pil(img, h)
-    if c.gray:
+def _jitter_pil(img: Image.Image, op: int, c: CropParams) -> Image.Image:
+    """Brightness (0) or contrast (1) as an 8-bit lookup table, saturation (2) as PIL's blend."""
+    b, k, s, _ = c.factors
+    if op == 0:
+        return _point(img, ops.brightness(_ARANGE, _f32(b)))
+    if op == 1:
+        hist = np.asarray(img.convert("L").histogram(), dtype=np.float64)
+        mean = float(hist @ _LEVELS) / (img.width * img.height)  # a sum of integers below 2^53: exact
+        center = ops.contrast_center(torch.tensor(mean, dtype=torch.float64))
+        return _point(img, ops.contrast(_ARANGE, _f32(k), center))
+    return Image.blend(img.convert("L").convert("RGB"), img, s)
+
+
+def _jitter_tensor(x: torch.Tensor, op: int, c: CropParams) -> torch.Tensor:
+    """The same four ops on a float 3×S×S crop of whole numbers (op 3: the hue rotation)."""
+    factor = _f32(c.factors[op])
+    if op == 0:
+        return ops.brightness(x, factor)
+    if op == 1:
+        return ops.contrast(x, factor, ops.contrast_center(ops.mean_luma(x)))
+    if op == 2:
+        return ops.saturation(x, factor)
+    return ops.hue(x, factor)
+
+
+def color_crop(img: Image.Image, c: CropParams, out: torch.Tensor) -> None:
+    """Jitter (in its sampled order) and grayscale of one RGB crop, written to ``out`` (float
+    3×S×S, whole numbers 0..255). The ops before the hue run on 8 bits in PIL; the hue and
+    the ops after it run on the float tensor, so the crop leaves PIL once and never returns."""
+    todo = [op for op in c.order if op != 3 or c.factors[3] != 0] if c.jitter else []
+    while todo and todo[0] != 3:
+        img = _jitter_pil(img, todo.pop(0), c)
+    if not todo and c.gray:
         img = img.convert("L").convert("RGB")
-    return img
+    out.copy_(torch.from_numpy(np.array(img)).permute(2, 0, 1))  # uint8 H×W×3 → float planes, one pass
+    if todo:
+        x = out
+        for op in todo:
+            x = _jitter_tensor(x, op, c)
+        out.copy_(ops.luma(x).expand_as(x) if c.gray else x)
 
 
 def _stack_u8(images: list[Image.Image]) -> torch.Tensor:
@@ -150,21 +167,37 @@ class MultiCropAugmentation:
         return {"crops": u8, "params": color_rows(crops)}
 
     def __call__(self, image: ImageLike, seed: Optional[int] = None) -> list[torch.Tensor]:
+        """The crops, normalised float C×S×S: :meth:`worker_crops` then :func:`normalize_crops`."""
+        return [c[0] for c in normalize_crops([c.unsqueeze(0) for c in self.worker_crops(image, seed)], self.cfg)]
+
+    def worker_crops(self, image: ImageLike, seed: Optional[int] = None) -> list[torch.Tensor]:
+        """The workers path's share: the whole recipe but the normalisation, as uint8 3×S×S
+        crops (the blur rounded to whole levels, as DINO's 8-bit PIL pipeline ends), a
+        quarter of the bytes of floats to collate, pin and ship."""
         crops, rgb, sx, sy = self._load(image, seed)
         out: list[torch.Tensor] = []
-        for group in (crops[:2], crops[2:]):  # one float conversion per crop size
+        for group in (crops[:2], crops[2:]):  # one batch per crop size
             if group:
-                out += self._finish(_stack_u8([color_pil(_cut(rgb, c, sx, sy), c) for c in group]), group)
+                x = torch.empty(len(group), 3, group[0].size, group[0].size)
+                for i, c in enumerate(group):
+                    color_crop(_cut(rgb, c, sx, sy), c, x[i])
+                out += list(self._blur_solarize(x, group).to(torch.uint8).unbind(0))
         return out
 
-    def _finish(self, u8: torch.Tensor, crops: list[CropParams]) -> list[torch.Tensor]:
-        x = u8.float()
+    @staticmethod
+    def _blur_solarize(x: torch.Tensor, crops: list[CropParams]) -> torch.Tensor:
+        """Blur (rounded to whole levels) and solarisation of N×3×S×S float crops of one size."""
         for i, c in enumerate(crops):
             if c.sigma > 0:
-                x[i : i + 1] = ops.gaussian_blur(x[i : i + 1], [c.sigma])
+                x[i : i + 1] = ops.round_levels(ops.gaussian_blur(x[i : i + 1], [c.sigma]))
             if c.solarize:
                 x[i] = ops.solarize(x[i])
-        return list(ops.normalize(x, self.cfg.mean, self.cfg.std).unbind(0))
+        return x
+
+
+def normalize_crops(crops: list[torch.Tensor], cfg: AugmentConfig) -> list[torch.Tensor]:
+    """The workers path's device share: uint8 B×3×S×S crops → normalised float crops."""
+    return [ops.normalize(c.float(), cfg.mean, cfg.std) for c in crops]
 
 
 def color_on_device(batch: dict[str, Any], cfg: AugmentConfig) -> list[torch.Tensor]:

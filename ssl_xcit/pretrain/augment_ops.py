@@ -1,7 +1,7 @@
 """Colour operations of DINO's multi-crop recipe as plain torch ops, shared by both paths.
 
-Pixels are float32 tensors holding whole numbers 0..255 (uint8 values) until the blur;
-each jitter op rounds back to whole numbers exactly as an 8-bit pipeline would, so the
+Pixels are float32 tensors holding whole numbers 0..255 (uint8 values) throughout: each
+jitter op and the blur round back to whole numbers exactly as an 8-bit pipeline would, so the
 worker path (8-bit lookup tables and PIL built from these very functions) and the
 batched on-device path (:func:`color_batch`) produce the same values. Channels are on
 ``dim`` (-3 for N×3×H×W and 3×H×W; -1 for H×W×3). Factor arguments broadcast against the
@@ -15,6 +15,7 @@ turns (exact, unquantised); luma ``L`` is PIL's ITU-R 601-2 in 16-bit fixed poin
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -30,11 +31,11 @@ def luma(x: torch.Tensor, dim: int = -3) -> torch.Tensor:
     """PIL's ``convert("L")``: (19595 R + 38470 G + 7471 B + 2^15) >> 16, exact in float32
     (every intermediate is an integer below 2^24)."""
     r, g, b = x.unbind(dim)
-    return torch.floor((r * 19595 + g * 38470 + b * 7471 + 32768) / 65536).unsqueeze(dim)
+    return (r * 19595).add_(g, alpha=38470).add_(b, alpha=7471).add_(32768).div_(65536).floor_().unsqueeze(dim)
 
 
 def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return torch.floor(x * factor + 0.5).clamp_(0, 255)
+    return (x * factor).add_(0.5).floor_().clamp_(0, 255)
 
 
 def contrast_center(mean_luma: torch.Tensor) -> torch.Tensor:
@@ -43,17 +44,19 @@ def contrast_center(mean_luma: torch.Tensor) -> torch.Tensor:
 
 
 def contrast(x: torch.Tensor, factor: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-    return torch.floor(center + factor * (x - center) + 0.5).clamp_(0, 255)
+    return (x - center).mul_(factor).add_(center).add_(0.5).floor_().clamp_(0, 255)
 
 
 def mean_luma(x: torch.Tensor, dim: int = -3) -> torch.Tensor:
     """Per-image mean luma in float64 (sums of integers: exact), dims kept for broadcasting."""
-    return luma(x, dim).double().mean(dim=(-3, -2, -1), keepdim=True)
+    grey = luma(x, dim)
+    pixels = grey.shape[-3] * grey.shape[-2] * grey.shape[-1]
+    return grey.sum(dim=(-3, -2, -1), keepdim=True, dtype=torch.float64) / pixels
 
 
 def saturation(x: torch.Tensor, factor: torch.Tensor, dim: int = -3) -> torch.Tensor:
     grey = luma(x, dim)
-    return torch.trunc(grey + factor * (x - grey)).clamp_(0, 255)
+    return (x - grey).mul_(factor).add_(grey).trunc_().clamp_(0, 255)
 
 
 def hue(x: torch.Tensor, shift: torch.Tensor, dim: int = -3) -> torch.Tensor:
@@ -61,18 +64,24 @@ def hue(x: torch.Tensor, shift: torch.Tensor, dim: int = -3) -> torch.Tensor:
     is ``min + C·pure(H)``, ``pure`` the fully saturated colour of hue H, rounded."""
     r, g, b = x.split(1, dim)
     maxc = torch.maximum(torch.maximum(r, g), b)
-    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    minc = torch.minimum(torch.minimum(r, g), b)
+    chroma = maxc - minc
     inv = chroma.clamp(min=1).reciprocal_()  # C is 0 or ≥ 1 on whole numbers; C = 0 gives H = 0
-    h = torch.where(maxc == r, g - b, torch.where(maxc == g, (b - r).add_(chroma * 2), (r - g).add_(chroma * 4)))
+    h = torch.where(maxc == r, g - b, torch.where(maxc == g, (b - r).add_(chroma, alpha=2), (r - g).add_(chroma, alpha=4)))
     h = h.mul_(inv).add_(shift * 6.0)
     h.sub_(torch.floor(h * (1.0 / 6.0)).mul_(6.0))
     # pure-hue RGB in [0, 1]: R = clamp(|6H − 3| − 1), G = clamp(2 − |6H − 2|), B = clamp(2 − |6H − 4|)
     shape = [1] * x.dim()
     shape[dim] = 3
-    consts = torch.tensor([[3.0, 2.0, 4.0], [1.0, -1.0, -1.0], [-1.0, 2.0, 2.0]], device=x.device)
-    center, sign, offset = (c.view(shape) for c in consts)
+    center, sign, offset = (c.view(shape) for c in _hue_constants(x.device))
     pure = (h - center).abs_().mul_(sign).add_(offset).clamp_(0, 1)
-    return torch.floor_(pure.mul_(chroma).add_(maxc - chroma + 0.5))
+    return torch.floor_(pure.mul_(chroma).add_(minc.add_(0.5)))
+
+
+@functools.cache
+def _hue_constants(device: torch.device) -> torch.Tensor:
+    """Rows: centre, sign and offset of the pure-hue R, G, B ramps (made once per device)."""
+    return torch.tensor([[3.0, 2.0, 4.0], [1.0, -1.0, -1.0], [-1.0, 2.0, 2.0]], device=device)
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -110,6 +119,11 @@ def gaussian_blur(x: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
         row[off : off + len(k)] = k
     weight = weight.to(x.device)
     return _blur_1d(_blur_1d(x, weight, -1), weight, -2)
+
+
+def round_levels(x: torch.Tensor) -> torch.Tensor:
+    """Floats of 0..255 → the nearest whole level (halves up), in place."""
+    return torch.floor_(x.add_(0.5)).clamp_(0, 255)
 
 
 def solarize(x: torch.Tensor) -> torch.Tensor:
@@ -154,6 +168,6 @@ def color_batch(u8: torch.Tensor, params: torch.Tensor, mean: Sequence[float], s
             _apply(x, chosen.nonzero().squeeze(1), fn)
     _apply(x, (p[:, GRAY] > 0).nonzero().squeeze(1), lambda v, r: luma(v).expand_as(v))
     blurred = (p[:, SIGMA] > 0).nonzero().squeeze(1)
-    _apply(x, blurred, lambda v, r: gaussian_blur(v, p[r, SIGMA].tolist()))
+    _apply(x, blurred, lambda v, r: round_levels(gaussian_blur(v, p[r, SIGMA].tolist())))
     _apply(x, (p[:, SOLARIZE] > 0).nonzero().squeeze(1), lambda v, r: solarize(v))
     return normalize(x, mean, std)

@@ -21,9 +21,10 @@ from ssl_xcit.image_sources import UnreadableImage, build_source
 class MultiCropDataset(Dataset):
     """``(index, seed)`` → the crops of image ``index``, every random choice drawn from ``seed``.
 
-    A sample is ``{"crops": [C×S×S float] * n_crops, "bad": ""}``; ``on_device``: uint8 crops
-    (cut, resized, flipped) plus their colour parameters ``"params"``, which the module
-    finishes on the training device. An image that cannot be decoded is replaced by the
+    A sample is ``{"crops": [3×S×S uint8] * n_crops, "bad": ""}``, augmented but not yet
+    normalised (the module does that on the training device); ``on_device``: the crops only
+    cut, resized and flipped, plus their colour parameters ``"params"``, which the module
+    applies on the training device. An image that cannot be decoded is replaced by the
     next readable one, augmented with the same seed, and named in ``"bad"`` (see
     :mod:`ssl_xcit.pretrain.bad_images`).
     """
@@ -48,7 +49,7 @@ class MultiCropDataset(Dataset):
         image = self._image(index)
         if self.on_device:
             return self.augmentation.geometric(image, seed)
-        return {"crops": self.augmentation(image, seed)}
+        return {"crops": self.augmentation.worker_crops(image, seed)}
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, seed = key

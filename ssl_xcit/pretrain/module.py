@@ -17,7 +17,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
 from ssl_xcit.pretrain import rng_state as rng
-from ssl_xcit.pretrain.augment import color_on_device
+from ssl_xcit.pretrain.augment import color_on_device, normalize_crops
 from ssl_xcit.backbones import MultiCropNet, build_backbone, patch_size
 from ssl_xcit.pretrain.config import PretrainConfig
 from ssl_xcit.compat import grad_scaler
@@ -119,9 +119,12 @@ class DINOModule(pl.LightningModule):
 
     # -- one step -----------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """augment.device=train: uint8 crops + colour parameters → normalised float crops."""
+        """The crops' last steps, on the training device: uint8 → normalised floats (and for
+        augment.device=train, the colour parameters applied first)."""
         if "params" in batch:
-            return {"crops": color_on_device(batch, self.cfg.augment), "bad": batch["bad"]}
+            batch = {"crops": color_on_device(batch, self.cfg.augment), "bad": batch["bad"]}
+        elif batch["crops"][0].dtype == torch.uint8:
+            batch = {**batch, "crops": normalize_crops(batch["crops"], self.cfg.augment)}
         return batch
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -49,6 +49,15 @@ def test_worker_share_of_the_device_path_is_uint8_crops_and_parameter_rows():
     assert out["params"].shape == (8, ops.N_COLS)
 
 
+def test_workers_ship_uint8_crops_that_normalise_to_the_crops():
+    aug = MultiCropAugmentation(AugmentConfig(**SMALL, blur_p_local=1.0))
+    shipped, crops = aug.worker_crops(_image(), 2), aug(_image(), 2)
+    assert [c.dtype for c in shipped] == [torch.uint8] * 8
+    for u8, crop in zip(shipped, crops):  # (x / 255 - mean) / std, written out per channel
+        expected = torch.stack([(u8[ch].double() / 255 - aug.cfg.mean[ch]) / aug.cfg.std[ch] for ch in range(3)])
+        torch.testing.assert_close(crop.double(), expected, rtol=0, atol=1e-5)
+
+
 def test_grayscale_input_becomes_rgb():
     crops = MultiCropAugmentation(AugmentConfig(**SMALL))(_image(channels=1), 0)
     assert crops[0].shape[0] == 3
