@@ -13,6 +13,7 @@ instead (``--data synthetic`` for generated ones), with ``--augment-device worke
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import os
 import resource
 import time
@@ -94,6 +95,10 @@ def parse_args() -> argparse.Namespace:
                    "augmentation; default: fixed tensors, the model alone")
     p.add_argument("--augment-device", default="workers", choices=["workers", "train"])
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--channels-last", action="store_true", help="model.channels_last: true")
+    p.add_argument("--compile", action="store_true", help="model.compile: true (compiled during the untimed warm-up steps)")
+    p.add_argument("--head-hidden", type=int, default=2048)
+    p.add_argument("--depth", type=int, default=None, help="backbone depth override (backbone_kwargs depth)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense TFLOP/s, for MFU")
     return p.parse_args()
 
@@ -101,7 +106,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     cfg = PretrainConfig(
-        model=ModelConfig(arch=args.arch, out_dim=args.out_dim),
+        model=ModelConfig(arch=args.arch, out_dim=args.out_dim, head_hidden_dim=args.head_hidden,
+                          backbone_kwargs={} if args.depth is None else {"depth": args.depth},
+                          channels_last=args.channels_last, compile=args.compile),
         data=DataConfig(path=args.data or "synthetic", batch_size_per_device=args.batch, num_workers=args.workers,
                         synthetic_size=args.batch * (args.steps + args.warmup + 1)),
         augment=AugmentConfig(global_crops_size=args.global_crops_size, local_crops_size=args.local_crops_size,
@@ -110,7 +117,8 @@ def main() -> None:
     )
     module = DINOModule(cfg)
     sample = FixedCrops(1, args.global_crops_size, args.local_crops_size, args.local_crops_number)[0]["crops"]
-    flops = step_flops(module, [c.unsqueeze(0).repeat(args.batch, 1, 1, 1) for c in sample])
+    eager = DINOModule(replace(cfg, model=replace(cfg.model, compile=False))) if args.compile else module
+    flops = step_flops(eager, [c.unsqueeze(0).repeat(args.batch, 1, 1, 1) for c in sample])  # counted eagerly
     timer = StepTimer(args.warmup)
     precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
     trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=precision,
@@ -124,7 +132,8 @@ def main() -> None:
         trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=args.batch, drop_last=True))
     seconds = timer.end - timer.start
     rate = timer.steps * args.batch / seconds
-    print(f"arch {args.arch}  crops 2x{args.global_crops_size}+{args.local_crops_number}x{args.local_crops_size}  "
+    layout = " channels_last" * args.channels_last + " compiled" * args.compile
+    print(f"arch {args.arch}{layout}  crops 2x{args.global_crops_size}+{args.local_crops_number}x{args.local_crops_size}  "
           f"batch {args.batch}  precision {precision}  device {args.device}  data {args.data + ' augmented on ' + args.augment_device if args.data else 'fixed tensors'}")
     print(f"samples/s        {rate:10.2f}   ({timer.steps} steps in {seconds:.2f} s)")
     print(f"step FLOPs       {flops / 1e12:10.3f} TFLOP  ({flops / args.batch / 1e9:.1f} GFLOP per image)")

@@ -37,6 +37,12 @@ class ModelConfig:
     """BatchNorm in the head's MLP (DINO found it unnecessary for ViTs)."""
     norm_last_layer: bool = True
     """Freeze the last layer's weight-norm magnitude at 1 (True helps stability, False helps accuracy)."""
+    channels_last: bool = False
+    """Keep the convolution weights and the crops in channels-last memory (the patch embedding's
+    convolutions and XCiT's depth-wise local patch interaction); same values, another layout."""
+    compile: bool = False
+    """torch.compile the student's and the teacher's backbones (one graph per crop resolution,
+    built at the first steps, so it pays only on long runs; needs a C++ compiler on CPU)."""
     init: Optional[str] = None
     """Start student and teacher from trained weights: an official DINO full checkpoint (backbone,
     head, center), an official backbone-only or timm weights file, an ssl-xcit .ckpt or an exported

@@ -70,6 +70,12 @@ class DINOModule(pl.LightningModule):
         self.teacher = build_student(cfg, 0.0)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
+        if cfg.model.channels_last:
+            self.student.to(memory_format=torch.channels_last)
+            self.teacher.to(memory_format=torch.channels_last)
+        if cfg.model.compile:  # in place: parameter names, checkpoints and the EMA are unchanged
+            self.student.backbone.compile(dynamic=False)
+            self.teacher.backbone.compile(dynamic=False)
         n_views = 2 + cfg.augment.local_crops_number
         self.loss_fn = DINOLoss(cfg.model.out_dim, n_views, 2, cfg.dino.student_temp, cfg.dino.center_momentum)
         self._student_params = list(self.student.parameters())
@@ -120,11 +126,14 @@ class DINOModule(pl.LightningModule):
     # -- one step -----------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """The crops' last steps, on the training device: uint8 → normalised floats (and for
-        augment.device=train, the colour parameters applied first)."""
+        augment.device=train, the colour parameters applied first); model.channels_last: the
+        crops in that layout."""
         if "params" in batch:
             batch = {"crops": color_on_device(batch, self.cfg.augment), "bad": batch["bad"]}
         elif batch["crops"][0].dtype == torch.uint8:
             batch = {**batch, "crops": normalize_crops(batch["crops"], self.cfg.augment)}
+        if self.cfg.model.channels_last:
+            batch = {**batch, "crops": [c.contiguous(memory_format=torch.channels_last) for c in batch["crops"]]}
         return batch
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
