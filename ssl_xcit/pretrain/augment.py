@@ -9,8 +9,9 @@ applied:
   cut and resized in one bicubic PIL resample and flipped. Its colour ops run on 8 bits in
   PIL (brightness and contrast as lookup tables, saturation as PIL's blend) up to the hue;
   the crop then leaves PIL once, into the float batch of its size, where the hue (an exact
-  HSV rotation) and the ops after it run, then the blur (a separable kernel sized to the
-  crop's σ), solarisation and normalisation.
+  HSV rotation, one call for all the crops of that size) and the ops after it run, then
+  the blur (a separable kernel sized to the crop's σ), rounded to whole levels, and the
+  solarisation. The worker ships uint8 crops; the training device normalises them.
 - ``geometric`` (``augment.device: train``): decode, crop, resize and flip only; the uint8
   crops and their colour parameters go to the training device, where
   :func:`ssl_xcit.augment_ops.color_batch` finishes them in batches.
@@ -80,7 +81,8 @@ def _point(img: Image.Image, values: torch.Tensor) -> Image.Image:
 
 
 def _f32(value: float) -> torch.Tensor:
-    return torch.tensor(value, dtype=torch.float64).float()
+    """A factor as the 0-d float32 tensor the batched path also uses (the double rounded to nearest)."""
+    return torch.tensor(value, dtype=torch.float32)
 
 
 def _jitter_pil(img: Image.Image, op: int, c: CropParams) -> Image.Image:
@@ -108,21 +110,29 @@ def _jitter_tensor(x: torch.Tensor, op: int, c: CropParams) -> torch.Tensor:
     return ops.hue(x, factor)
 
 
-def color_crop(img: Image.Image, c: CropParams, out: torch.Tensor) -> None:
-    """Jitter (in its sampled order) and grayscale of one RGB crop, written to ``out`` (float
-    3×S×S, whole numbers 0..255). The ops before the hue run on 8 bits in PIL; the hue and
-    the ops after it run on the float tensor, so the crop leaves PIL once and never returns."""
-    todo = [op for op in c.order if op != 3 or c.factors[3] != 0] if c.jitter else []
-    while todo and todo[0] != 3:
-        img = _jitter_pil(img, todo.pop(0), c)
-    if not todo and c.gray:
-        img = img.convert("L").convert("RGB")
-    out.copy_(torch.from_numpy(np.array(img)).permute(2, 0, 1))  # uint8 H×W×3 → float planes, one pass
-    if todo:
-        x = out
+def color_group(images: list[Image.Image], crops: list[CropParams], out: torch.Tensor) -> None:
+    """Jitter (in each crop's sampled order) and grayscale of same-size RGB crops, written to
+    ``out`` (float N×3×S×S, whole numbers 0..255). The ops before a crop's hue run on 8 bits
+    in PIL; the crop then leaves PIL once, the hue of every crop runs in one batched call
+    (per-crop shifts), and the ops after it run on each crop's float tensor."""
+    after_hue: list[tuple[int, list[int]]] = []
+    for i, (img, c) in enumerate(zip(images, crops)):
+        todo = [op for op in c.order if op != 3 or c.factors[3] != 0] if c.jitter else []
+        while todo and todo[0] != 3:
+            img = _jitter_pil(img, todo.pop(0), c)
+        if not todo and c.gray:
+            img = img.convert("L").convert("RGB")
+        out[i].copy_(torch.from_numpy(np.array(img)).permute(2, 0, 1))  # uint8 H×W×3 → float planes, one pass
+        if todo:
+            after_hue.append((i, todo[1:]))
+    if not after_hue:
+        return
+    rows = [i for i, _ in after_hue]
+    shifts = torch.tensor([crops[i].factors[3] for i in rows], dtype=torch.float32).view(-1, 1, 1, 1)
+    for (i, todo), x in zip(after_hue, ops.hue(out[rows], shifts)):
         for op in todo:
-            x = _jitter_tensor(x, op, c)
-        out.copy_(ops.luma(x).expand_as(x) if c.gray else x)
+            x = _jitter_tensor(x, op, crops[i])
+        out[i].copy_(ops.luma(x).expand_as(x) if crops[i].gray else x)
 
 
 def _stack_u8(images: list[Image.Image]) -> torch.Tensor:
@@ -179,8 +189,7 @@ class MultiCropAugmentation:
         for group in (crops[:2], crops[2:]):  # one batch per crop size
             if group:
                 x = torch.empty(len(group), 3, group[0].size, group[0].size)
-                for i, c in enumerate(group):
-                    color_crop(_cut(rgb, c, sx, sy), c, x[i])
+                color_group([_cut(rgb, c, sx, sy) for c in group], group, x)
                 out += list(self._blur_solarize(x, group).to(torch.uint8).unbind(0))
         return out
 
