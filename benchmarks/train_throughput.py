@@ -7,6 +7,7 @@ instead (``--data synthetic`` for generated ones), with ``--augment-device worke
 
     python benchmarks/train_throughput.py --arch xcit_nano_12_p16_224 --batch 16 --device cpu
     python benchmarks/train_throughput.py --arch xcit_nano_12_p16_224 --batch 16 --data /tmp/imagenette2-224 --workers 2
+    python benchmarks/train_throughput.py ... --data /tmp/imagenette2-224 --augment-device classic   # the reference
     python benchmarks/train_throughput.py --arch xcit_small_12_p16_224 --batch 128 --device cuda --precision bf16-mixed --peak-tflops 989
 """
 
@@ -17,6 +18,7 @@ from dataclasses import replace
 import os
 import resource
 import time
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -46,6 +48,22 @@ class FixedCrops(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, object]:
         return {"crops": self.crops, "bad": ""}  # the batch format the data module yields
+
+
+class ClassicCrops(Dataset):
+    """The images of a folder (searched recursively) through the classic PIL multi-crop pipeline."""
+
+    def __init__(self, folder: str, transform) -> None:
+        self.paths = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        if not self.paths:
+            raise SystemExit(f"--data {folder}: no JPEG or PNG images (the classic pipeline reads an image folder)")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        return {"crops": self.transform(self.paths[index]), "bad": ""}
 
 
 class StepTimer(pl.Callback):
@@ -93,7 +111,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
     p.add_argument("--data", default=None, help="an image folder or .tar.gz (or 'synthetic') through the full "
                    "augmentation; default: fixed tensors, the model alone")
-    p.add_argument("--augment-device", default="workers", choices=["workers", "train"])
+    p.add_argument("--augment-device", default="workers", choices=["workers", "train", "classic"],
+                   help="classic: the classic PIL pipeline with DINO's parameters (augment_bench.py), in the "
+                        "workers, as the reference; --data must then be an image folder")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--channels-last", action="store_true", help="model.channels_last: true")
     p.add_argument("--compile", action="store_true", help="model.compile: true (compiled during the untimed warm-up steps)")
@@ -124,7 +144,13 @@ def main() -> None:
     trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=precision,
                          max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
-    if args.data:
+    if args.augment_device == "classic":
+        from augment_bench import ClassicDINO  # noqa: PLC0415 (a sibling script: only this mode needs it)
+
+        data = ClassicCrops(args.data, ClassicDINO(cfg.augment))
+        trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=args.batch, shuffle=True, drop_last=True,
+                                                         num_workers=args.workers, pin_memory=args.device == "cuda"))
+    elif args.data:
         trainer.fit(module, datamodule=PretrainDataModule(cfg.data, cfg.augment))
     else:
         data = FixedCrops(args.batch * (args.steps + args.warmup + 1), args.global_crops_size,
