@@ -4,7 +4,8 @@ Two global crops and ``local_crops_number`` local crops per image. Every random 
 a sample is drawn first from the sample's seed (:mod:`ssl_xcit.augment_params`), then
 applied:
 
-- ``__call__`` (``augment.device: workers``): the whole recipe in the data-loader worker.
+- ``worker_crops`` (``augment.device: workers``): the whole recipe in the data-loader worker
+  but the normalisation (``__call__`` adds it, for use outside a loader).
   The JPEG is decoded once, at reduced size (draft) when every crop allows it; each crop is
   cut and resized in one bicubic PIL resample and flipped. Its colour ops run on 8 bits in
   PIL (brightness and contrast as lookup tables, saturation as PIL's blend) up to the hue;
