@@ -39,10 +39,13 @@ class ModelConfig:
     """Freeze the last layer's weight-norm magnitude at 1 (True helps stability, False helps accuracy)."""
     channels_last: bool = False
     """Keep the convolution weights and the crops in channels-last memory (the patch embedding's
-    convolutions and XCiT's depth-wise local patch interaction); same values, another layout."""
+    convolutions, the positional encoding's 1x1 projection and XCiT's depth-wise local patch
+    interaction); same values, another layout."""
     compile: bool = False
-    """torch.compile the student's and the teacher's backbones (one graph per crop resolution,
-    built at the first steps, so it pays only on long runs; needs a C++ compiler on CPU)."""
+    """torch.compile the student's and the teacher's backbones in place. Graphs are built at the
+    first steps (one per crop resolution) and at the first k-NN monitor pass (eval mode, its
+    resolution and last partial batch), tens of seconds each on a CPU, so it pays only on long
+    runs; needs a C++ compiler on CPU."""
     init: Optional[str] = None
     """Start student and teacher from trained weights: an official DINO full checkpoint (backbone,
     head, center), an official backbone-only or timm weights file, an ssl-xcit .ckpt or an exported
@@ -110,8 +113,9 @@ class AugmentConfig:
     """Normalisation mean (ImageNet's; set the dataset's own for others)."""
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
     device: Literal["workers", "train"] = "workers"
-    """Where colour jitter, grayscale, blur, solarize and normalisation run: in the data-loader
-    workers, or batched on the training device (workers then only decode, crop and flip)."""
+    """Where colour jitter, grayscale, blur and solarize run: in the data-loader workers, or
+    batched on the training device (workers then only decode, crop and flip). Either way the
+    workers ship uint8 crops and the training device normalises them."""
 
 
 @dataclass

@@ -134,6 +134,8 @@ class DINOModule(pl.LightningModule):
             batch = {**batch, "crops": normalize_crops(batch["crops"], self.cfg.augment)}
         if self.cfg.model.channels_last:
             batch = {**batch, "crops": [c.contiguous(memory_format=torch.channels_last) for c in batch["crops"]]}
+        if self._trainer is not None:  # *-true precisions cast float inputs before this hook, when the crops were uint8
+            batch = self.trainer.precision_plugin.convert_input(batch)
         return batch
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -133,3 +133,18 @@ def test_non_finite_loss_between_logging_steps_stops_before_any_checkpoint_holds
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 1
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("augment_device", ["workers", "train"])
+def test_true_precision_gets_crops_in_the_model_dtype(tmp_path, augment_device):
+    """The workers ship uint8 crops, normalised on the device after Lightning's input cast: a
+    bf16-true model must still receive bf16 crops (float32 crops would fail its first conv)."""
+    seen = []
+
+    class Dtypes(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append({c.dtype for c in batch["crops"]})
+
+    cfg = tiny_config(tmp_path, trainer__precision="bf16-true", augment__device=augment_device)
+    run_pretraining(cfg, tmp_path, extra_callbacks=[Dtypes()])
+    assert seen and all(dtypes == {torch.bfloat16} for dtypes in seen)
