@@ -130,7 +130,8 @@ def test_loader_workers_ignore_stop_signals_from_the_cluster(tmp_path):
     batches, workers = _signal_workers_mid_epoch(loader)
     assert len(batches) == 8 and all(w.is_alive() for w in workers)
     plain = DataLoader(datamodule.dataset, batch_size=8, sampler=datamodule.sampler, num_workers=2)
-    with pytest.raises(RuntimeError, match="killed by signal"):
+    # torch reports a dead worker from its SIGCHLD handler or, when a queue read sees it first, as an exit
+    with pytest.raises(RuntimeError, match="killed by signal|exited unexpectedly"):
         _signal_workers_mid_epoch(plain)
 
 
