@@ -135,10 +135,17 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], dim:
     """0..255 floats → (x/255 − mean)/std, statistics along ``dim``."""
     shape = [1] * x.dim()
     shape[dim] = 3
-    m = torch.tensor(mean, dtype=torch.float64).view(shape)
-    s = torch.tensor(std, dtype=torch.float64).view(shape)
-    scale, shift = (1 / (255 * s)).float().to(x.device), (-m / s).float().to(x.device)
-    return torch.addcmul(shift, x, scale)
+    scale, shift = _normalize_affine(tuple(map(float, mean)), tuple(map(float, std)), x.device)
+    return torch.addcmul(shift.view(shape), x, scale.view(shape))
+
+
+@functools.cache
+def _normalize_affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """1/(255·std) and −mean/std as float32 on ``device``, made once per statistics and device
+    (no host-to-device copy per crop and step)."""
+    m = torch.tensor(mean, dtype=torch.float64)
+    s = torch.tensor(std, dtype=torch.float64)
+    return (1 / (255 * s)).float().to(device), (-m / s).float().to(device)
 
 
 def _apply(x: torch.Tensor, rows: torch.Tensor, fn) -> None:
