@@ -1,9 +1,10 @@
 """Training throughput of DINO pretraining: samples/s, peak memory and (on GPU) model FLOPs utilisation.
 
-Runs the real LightningModule under a real Trainer. By default the crops are random tensors
-made once, so the figure is the model's (teacher forward, student forward and backward,
-AdamW, EMA); ``--data PATH`` feeds it real images through the full multi-crop pipeline
-instead (``--data synthetic`` for generated ones), with ``--augment-device workers|train``.
+Runs the real LightningModule under a real Trainer. By default the crops are random uint8
+tensors made once, so the figure is the model's (teacher forward, student forward and
+backward, AdamW, EMA, and the crops' normalisation on the device); ``--data PATH`` feeds it
+real images through the full multi-crop pipeline instead (``--data synthetic`` for
+generated ones), with ``--augment-device workers|train``.
 
     python benchmarks/train_throughput.py --arch xcit_nano_12_p16_224 --batch 16 --device cpu
     python benchmarks/train_throughput.py --arch xcit_nano_12_p16_224 --batch 16 --data /tmp/imagenette2-224 --workers 2
@@ -14,10 +15,10 @@ instead (``--data synthetic`` for generated ones), with ``--augment-device worke
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import os
 import resource
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -37,11 +38,15 @@ from ssl_xcit.pretrain.module import DINOModule
 
 
 class FixedCrops(Dataset):
-    """The same random multi-crop sample, ``length`` times (no decoding, no augmentation)."""
+    """The same random multi-crop sample, ``length`` times (no decoding, no augmentation): uint8
+    crops, as the workers ship them, so the device's share (normalisation) is counted and the
+    host copies a quarter of the bytes of floats."""
 
     def __init__(self, length: int, global_size: int, local_size: int, n_local: int) -> None:
         self.length = length
-        self.crops = [torch.randn(3, global_size, global_size)] * 2 + [torch.randn(3, local_size, local_size)] * n_local
+        g = torch.Generator().manual_seed(0)
+        big, small = ((torch.randint(0, 256, (3, s, s), generator=g, dtype=torch.uint8)) for s in (global_size, local_size))
+        self.crops = [big] * 2 + [small] * n_local
 
     def __len__(self) -> int:
         return self.length
@@ -110,7 +115,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
     p.add_argument("--data", default=None, help="an image folder or .tar.gz (or 'synthetic') through the full "
-                   "augmentation; default: fixed tensors, the model alone")
+                   "augmentation; default: fixed uint8 crops, the model and the normalisation alone")
     p.add_argument("--augment-device", default="workers", choices=["workers", "train", "classic"],
                    help="classic: the classic PIL pipeline with DINO's parameters (augment_bench.py), in the "
                         "workers, as the reference; --data must then be an image folder")
@@ -136,7 +141,7 @@ def main() -> None:
         trainer=TrainerConfig(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision=args.precision),
     )
     module = DINOModule(cfg)
-    sample = FixedCrops(1, args.global_crops_size, args.local_crops_size, args.local_crops_number)[0]["crops"]
+    sample = [torch.randn(3, s, s) for s in [args.global_crops_size] * 2 + [args.local_crops_size] * args.local_crops_number]
     eager = DINOModule(replace(cfg, model=replace(cfg.model, compile=False))) if args.compile else module
     flops = step_flops(eager, [c.unsqueeze(0).repeat(args.batch, 1, 1, 1) for c in sample])  # counted eagerly
     timer = StepTimer(args.warmup)
@@ -145,7 +150,8 @@ def main() -> None:
                          max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
     if args.augment_device == "classic":
-        from augment_bench import ClassicDINO  # noqa: PLC0415 (a sibling script: only this mode needs it)
+        # a sibling script: only this mode needs it
+        from augment_bench import ClassicDINO
 
         data = ClassicCrops(args.data, ClassicDINO(cfg.augment))
         trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=args.batch, shuffle=True, drop_last=True,
@@ -155,12 +161,14 @@ def main() -> None:
     else:
         data = FixedCrops(args.batch * (args.steps + args.warmup + 1), args.global_crops_size,
                           args.local_crops_size, args.local_crops_number)
-        trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=args.batch, drop_last=True))
+        trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=args.batch, drop_last=True,
+                                                         num_workers=2 if args.device == "cuda" else 0,  # collate beside the GPU
+                                                         persistent_workers=args.device == "cuda", pin_memory=args.device == "cuda"))
     seconds = timer.end - timer.start
     rate = timer.steps * args.batch / seconds
     layout = " channels_last" * args.channels_last + " compiled" * args.compile
     print(f"arch {args.arch}{layout}  crops 2x{args.global_crops_size}+{args.local_crops_number}x{args.local_crops_size}  "
-          f"batch {args.batch}  precision {precision}  device {args.device}  data {args.data + ' augmented on ' + args.augment_device if args.data else 'fixed tensors'}")
+          f"batch {args.batch}  precision {precision}  device {args.device}  data {args.data + ' augmented on ' + args.augment_device if args.data else 'fixed uint8 crops'}")
     print(f"samples/s        {rate:10.2f}   ({timer.steps} steps in {seconds:.2f} s)")
     print(f"step FLOPs       {flops / 1e12:10.3f} TFLOP  ({flops / args.batch / 1e9:.1f} GFLOP per image)")
     print(f"achieved         {flops * timer.steps / seconds / 1e12:10.3f} TFLOP/s")
