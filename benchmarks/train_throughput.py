@@ -145,6 +145,7 @@ def main() -> None:
     eager = DINOModule(replace(cfg, model=replace(cfg.model, compile=False))) if args.compile else module
     flops = step_flops(eager, [c.unsqueeze(0).repeat(args.batch, 1, 1, 1) for c in sample])  # counted eagerly
     timer = StepTimer(args.warmup)
+    on_gpu = args.device == "cuda"
     precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
     trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=precision,
                          max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
@@ -155,15 +156,15 @@ def main() -> None:
 
         data = ClassicCrops(args.data, ClassicDINO(cfg.augment))
         trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=args.batch, shuffle=True, drop_last=True,
-                                                         num_workers=args.workers, pin_memory=args.device == "cuda"))
+                                                         num_workers=args.workers, pin_memory=on_gpu))
     elif args.data:
         trainer.fit(module, datamodule=PretrainDataModule(cfg.data, cfg.augment))
     else:
         data = FixedCrops(args.batch * (args.steps + args.warmup + 1), args.global_crops_size,
                           args.local_crops_size, args.local_crops_number)
         trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=args.batch, drop_last=True,
-                                                         num_workers=2 if args.device == "cuda" else 0,  # collate beside the GPU
-                                                         persistent_workers=args.device == "cuda", pin_memory=args.device == "cuda"))
+                                                         num_workers=2 if on_gpu else 0,  # collate beside the GPU
+                                                         persistent_workers=on_gpu, pin_memory=on_gpu))
     seconds = timer.end - timer.start
     rate = timer.steps * args.batch / seconds
     layout = " channels_last" * args.channels_last + " compiled" * args.compile

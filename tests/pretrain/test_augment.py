@@ -24,8 +24,10 @@ def _unnormalise(crop, cfg):
     return crop * torch.tensor(cfg.std).view(3, 1, 1) + torch.tensor(cfg.mean).view(3, 1, 1)
 
 
-def _on_device(aug, samples):
-    return color_on_device(default_collate([aug.geometric(image, seed) for image, seed in samples]), aug.cfg)
+def _on_device(aug, samples, device="cpu"):
+    batch = default_collate([aug.geometric(image, seed) for image, seed in samples])
+    batch = {"crops": [c.to(device) for c in batch["crops"]], "params": batch["params"].to(device)}
+    return [c.cpu() for c in color_on_device(batch, aug.cfg)]
 
 
 # -- outputs ------------------------------------------------------------------------------
@@ -206,9 +208,7 @@ def test_on_device_path_on_cuda_equals_worker_path_on_cpu():
     million differed by 0.0005 level, on 64 Imagenette samples)."""
     aug = MultiCropAugmentation(AugmentConfig(global_crops_size=48, local_crops_size=24, local_crops_number=3))
     samples = [(_image(64, seed=s), s) for s in range(32)]
-    batch = default_collate([aug.geometric(image, seed) for image, seed in samples])
-    cuda = {"crops": [c.cuda() for c in batch["crops"]], "params": batch["params"].cuda()}
-    device = [c.cpu() for c in color_on_device(cuda, aug.cfg)]
+    device = _on_device(aug, samples, "cuda")
     for i, (image, seed) in enumerate(samples):
         for j, crop in enumerate(aug(image, seed)):
             torch.testing.assert_close(device[j][i], crop, rtol=0, atol=1e-4, msg=f"sample {i} crop {j}")
