@@ -146,7 +146,7 @@ def main() -> None:
     flops = step_flops(eager, [c.unsqueeze(0).repeat(args.batch, 1, 1, 1) for c in sample])  # counted eagerly
     timer = StepTimer(args.warmup)
     on_gpu = args.device == "cuda"
-    precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
+    precision = args.precision or ("bf16-mixed" if on_gpu else "32-true")
     trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=precision,
                          max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
