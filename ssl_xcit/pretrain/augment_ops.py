@@ -67,7 +67,12 @@ def hue(x: torch.Tensor, shift: torch.Tensor, dim: int = -3) -> torch.Tensor:
     minc = torch.minimum(torch.minimum(r, g), b)
     chroma = maxc - minc
     inv = chroma.clamp(min=1).reciprocal_()  # C is 0 or ≥ 1 on whole numbers; C = 0 gives H = 0
-    h = torch.where(maxc == r, g - b, torch.where(maxc == g, (b - r).add_(chroma, alpha=2), (r - g).add_(chroma, alpha=4)))
+    # 6H·C is g − b where R is the largest, else b − r + 2C where G is, else r − g + 4C. On
+    # whole numbers max − channel is 0 for the largest channel and ≥ 1 elsewhere, so the
+    # cases are selected by 0/1 float masks (a few cheap passes, where bool selects are slow).
+    not_r, not_g = (maxc - r).clamp_(max=1), (maxc - g).clamp_(max=1)
+    r_case, g_case = g - b, (b - r).add_(chroma, alpha=2)
+    h = (r - g).add_(chroma, alpha=4).sub_(g_case).mul_(not_g).add_(g_case).sub_(r_case).mul_(not_r).add_(r_case)
     h = h.mul_(inv).add_(shift * 6.0)
     h.sub_(torch.floor(h * (1.0 / 6.0)).mul_(6.0))
     # pure-hue RGB in [0, 1]: R = clamp(|6H − 3| − 1), G = clamp(2 − |6H − 2|), B = clamp(2 − |6H − 4|)

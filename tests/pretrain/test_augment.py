@@ -154,6 +154,9 @@ def test_brightness_and_contrast_within_one_level_of_pil():
 
 def test_hue_is_the_exact_hsv_rotation_rounded():
     x = _planes(_pil(2, 24))
+    x[:, 0] = x[0, 0]  # grey pixels
+    x[1, 1], x[2, 2], x[2, 3] = x[0, 1], x[1, 2], x[0, 3]  # two channels tie: R=G, G=B, R=B
+    x[1, 4] = x[0, 4] = x[2, 4] + 1  # the largest two tie, one level above the third
     for shift in (0.07, -0.1, 0.31):
         out = ops.hue(x, torch.tensor(shift))
         ref = torch.tensor([[colorsys.hsv_to_rgb((h + shift) % 1.0, s, v) for h, s, v in
@@ -176,6 +179,28 @@ def test_blur_alone_equals_blur_in_a_batch_of_other_sigmas():
     batched = ops.gaussian_blur(x, [0.3, 2.0, 1.1])
     for i, s in enumerate([0.3, 2.0, 1.1]):
         assert torch.equal(batched[i : i + 1], ops.gaussian_blur(x[i : i + 1], [s]))
+
+
+def test_crops_are_pils_bicubic_resize_of_the_box():
+    """The geometry of the classic pipeline (torchvision's RandomResizedCrop on PIL: cut the
+    box, resize it bicubic), flipped when sampled, down- and upsampling. The reference is
+    PIL's two-pass resample written out: the horizontal pass, rounded to 8 bits, then the
+    vertical one (this order; Pillow 13 runs the vertical pass first for some box shapes,
+    which changes values only where the first pass clips an overshoot)."""
+    img = Image.fromarray(np.array(_pil(6, 24).resize((80, 64), Image.BICUBIC)))  # smooth, not square
+    cfg = AugmentConfig(global_crops_size=48, local_crops_size=24, local_crops_number=4, color_jitter_p=0,
+                        grayscale_p=0, blur_p_global1=0, blur_p_global2=0, blur_p_local=0, solarize_p_global2=0)
+    aug = MultiCropAugmentation(cfg)
+    diffs = []
+    for seed in range(8):
+        for c, crop in zip(sample_crops(cfg, 64, 80, seed), aug.worker_crops(img, seed)):
+            top, left, h, w = c.box
+            box = img.crop((left, top, left + w, top + h))
+            ref = box.resize((c.size, h), Image.BICUBIC).resize((c.size, c.size), Image.BICUBIC)
+            ref = ref.transpose(Image.FLIP_LEFT_RIGHT) if c.flip else ref
+            diffs.append((crop.int() - _planes(ref).int()).abs().flatten())
+    diffs = torch.cat(diffs)
+    assert diffs.max() <= 2 and (diffs > 1).float().mean() < 1e-3  # PIL's 22-bit fixed point vs torch's
 
 
 def test_solarize_equals_pil():
@@ -231,6 +256,6 @@ def test_jpeg_is_decoded_at_reduced_size_when_every_crop_allows_it(tmp_path):
     from ssl_xcit.pretrain.augment import _decode, open_image
 
     img = open_image(str(path))
-    rgb, sx, sy = _decode(img, aug.sample(img, 0))
-    assert rgb.width < 800 and sx == rgb.width / 800
+    pixels, sx, sy = _decode(img, aug.sample(img, 0))
+    assert pixels.shape[1] < 800 and sx == pixels.shape[1] / 800
     assert [tuple(c.shape) for c in aug(str(path), 0)] == [(3, 64, 64)] * 2 + [(3, 32, 32)] * 2
