@@ -6,13 +6,14 @@ applied:
 
 - ``worker_crops`` (``augment.device: workers``): the whole recipe in the data-loader worker
   but the normalisation (``__call__`` adds it, for use outside a loader).
-  The JPEG is decoded once, at reduced size (draft) when every crop allows it; each crop is
-  cut and resized in one bicubic PIL resample and flipped. Its colour ops run on 8 bits in
-  PIL (brightness and contrast as lookup tables, saturation as PIL's blend) up to the hue;
-  the crop then leaves PIL once, into the float batch of its size, where the hue (an exact
-  HSV rotation, one call for all the crops of that size) and the ops after it run, then
-  the blur (a separable kernel sized to the crop's σ), rounded to whole levels, and the
-  solarisation. The worker ships uint8 crops; the training device normalises them.
+  The JPEG is decoded once, at reduced size (draft) when every crop allows it; each crop's
+  box is cut out, resized with PIL's bicubic filter (torch's uint8 kernel) and flipped. Its
+  colour ops run on 8 bits in PIL (brightness and contrast as lookup tables, saturation as
+  PIL's blend) up to the hue; the crop then goes once into the float batch of its size,
+  where the hue (an exact HSV rotation, one call for all the crops of that size) and the
+  ops after it run, then the blur (a separable kernel sized to the crop's σ), rounded to
+  whole levels, and the solarisation. The worker ships uint8 crops; the training device
+  normalises them.
 - ``geometric`` (``augment.device: train``): decode, crop, resize and flip only; the uint8
   crops and their colour parameters go to the training device, where
   :func:`ssl_xcit.augment_ops.color_batch` finishes them in batches.
@@ -52,8 +53,9 @@ def open_image(image: ImageLike) -> Image.Image:
 
 
 def _decode(img: Image.Image, crops: list[CropParams]) -> tuple[torch.Tensor, float, float]:
-    """The RGB pixels (H×W×3 uint8), decoded at 1/2, 1/4 or 1/8 when every crop box still spans at least
-    its output size there; and the factors from full-size to decoded coordinates."""
+    """The RGB pixels (H×W×3 uint8), decoded at 1/2, 1/4 or 1/8 when every crop box still
+    spans at least its output size there; and the factors from full-size to decoded
+    coordinates."""
     width, height = img.size
     if img.format == "JPEG" and crops:
         shrink = min(min(c.box[2], c.box[3]) / c.size for c in crops)
@@ -124,8 +126,9 @@ def _jitter_tensor(x: torch.Tensor, op: int, c: CropParams) -> torch.Tensor:
 def color_group(cut: list[torch.Tensor], crops: list[CropParams], out: torch.Tensor) -> None:
     """Jitter (in each crop's sampled order) and grayscale of same-size uint8 3×S×S crops,
     written to ``out`` (float N×3×S×S, whole numbers 0..255). The ops before a crop's hue
-    run on 8 bits in PIL; the crop then leaves PIL once, the hue of every crop runs in one
-    batched call (per-crop shifts), and the ops after it run on each crop's float tensor."""
+    run on 8 bits in PIL; the crop then goes into ``out`` once, the hue of every crop runs
+    in one batched call (per-crop shifts), and the ops after it run on each crop's float
+    tensor."""
     after_hue: list[tuple[int, list[int]]] = []
     for i, (u8, c) in enumerate(zip(cut, crops)):
         todo = [op for op in c.order if op != 3 or c.factors[3] != 0] if c.jitter else []
