@@ -123,13 +123,19 @@ def _jitter_tensor(x: torch.Tensor, op: int, c: CropParams) -> torch.Tensor:
     return ops.hue(x, factor)
 
 
-def color_group(cut: list[torch.Tensor], crops: list[CropParams], out: torch.Tensor) -> None:
-    """Jitter (in each crop's sampled order) and grayscale of same-size uint8 3×S×S crops,
-    written to ``out`` (float N×3×S×S, whole numbers 0..255). The ops before a crop's hue
-    run on 8 bits in PIL; the crop then goes into ``out`` once, the hue of every crop runs
-    in one batched call (per-crop shifts), and the ops after it run on each crop's float
-    tensor."""
+def _planes(u8: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A uint8 3×S×S crop (any strides) as contiguous float planes, in one pass."""
+    return (torch.empty(u8.shape) if out is None else out).copy_(u8)
+
+
+def color_group(cut: list[torch.Tensor], crops: list[CropParams]) -> list[torch.Tensor]:
+    """Jitter (in each crop's sampled order) and grayscale of same-size uint8 3×S×S crops:
+    float 3×S×S crops of whole numbers 0..255. The ops before a crop's hue run on 8 bits in
+    PIL; the crop then becomes float once, straight into the batch whose hue runs in one
+    call (per-crop shifts), and the ops after its hue run on its own float tensor."""
+    colored: list[torch.Tensor] = [None] * len(crops)  # type: ignore[list-item]
     after_hue: list[tuple[int, list[int]]] = []
+    hue_in: list[torch.Tensor] = []
     for i, (u8, c) in enumerate(zip(cut, crops)):
         todo = [op for op in c.order if op != 3 or c.factors[3] != 0] if c.jitter else []
         if (todo and todo[0] != 3) or (not todo and c.gray):  # 8-bit work in PIL first
@@ -139,17 +145,21 @@ def color_group(cut: list[torch.Tensor], crops: list[CropParams], out: torch.Ten
             if not todo and c.gray:
                 img = img.convert("L").convert("RGB")
             u8 = torch.from_numpy(np.array(img)).permute(2, 0, 1)
-        out[i].copy_(u8)  # uint8 → float planes, one pass
-        if todo:
+        if todo:  # the hue is next
             after_hue.append((i, todo[1:]))
-    if not after_hue:
-        return
-    rows = [i for i, _ in after_hue]
-    shifts = torch.tensor([crops[i].factors[3] for i in rows], dtype=torch.float32).view(-1, 1, 1, 1)
-    for (i, todo), x in zip(after_hue, ops.hue(out[rows], shifts)):
-        for op in todo:
-            x = _jitter_tensor(x, op, crops[i])
-        out[i].copy_(ops.luma(x).expand_as(x) if crops[i].gray else x)
+            hue_in.append(u8)
+        else:
+            colored[i] = _planes(u8)
+    if after_hue:
+        batch = torch.empty(len(hue_in), *hue_in[0].shape)
+        for u8, planes in zip(hue_in, batch):
+            _planes(u8, planes)
+        shifts = torch.tensor([crops[i].factors[3] for i, _ in after_hue], dtype=torch.float32).view(-1, 1, 1, 1)
+        for (i, todo), x in zip(after_hue, ops.hue(batch, shifts)):
+            for op in todo:
+                x = _jitter_tensor(x, op, crops[i])
+            colored[i] = ops.luma(x).expand_as(x) if crops[i].gray else x
+    return colored
 
 
 class MultiCropAugmentation:
@@ -198,22 +208,18 @@ class MultiCropAugmentation:
         quarter of the bytes of floats to collate, pin and ship."""
         crops, pixels, sx, sy = self._load(image, seed)
         out: list[torch.Tensor] = []
-        for group in (crops[:2], crops[2:]):  # one batch per crop size
+        for group in (crops[:2], crops[2:]):  # one hue batch per crop size
             if group:
-                x = torch.empty(len(group), 3, group[0].size, group[0].size)
-                color_group([_cut(pixels, c, sx, sy) for c in group], group, x)
-                out += list(self._blur_solarize(x, group).to(torch.uint8).unbind(0))
+                colored = color_group([_cut(pixels, c, sx, sy) for c in group], group)
+                out += [_blur_solarize(x, c).to(torch.uint8) for x, c in zip(colored, group)]
         return out
 
-    @staticmethod
-    def _blur_solarize(x: torch.Tensor, crops: list[CropParams]) -> torch.Tensor:
-        """Blur (rounded to whole levels) and solarisation of N×3×S×S float crops of one size."""
-        for i, c in enumerate(crops):
-            if c.sigma > 0:
-                x[i : i + 1] = ops.round_levels(ops.gaussian_blur(x[i : i + 1], [c.sigma]))
-            if c.solarize:
-                x[i] = ops.solarize(x[i])
-        return x
+
+def _blur_solarize(x: torch.Tensor, c: CropParams) -> torch.Tensor:
+    """Blur (rounded to whole levels) and solarisation of one float 3×S×S crop."""
+    if c.sigma > 0:
+        x = ops.round_levels(ops.gaussian_blur(x[None], [c.sigma]))[0]
+    return ops.solarize(x) if c.solarize else x
 
 
 def normalize_crops(crops: list[torch.Tensor], cfg: AugmentConfig) -> list[torch.Tensor]:
