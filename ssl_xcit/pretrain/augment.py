@@ -224,7 +224,7 @@ def _blur_solarize(x: torch.Tensor, c: CropParams) -> torch.Tensor:
 
 def normalize_crops(crops: list[torch.Tensor], cfg: AugmentConfig) -> list[torch.Tensor]:
     """The workers path's device share: uint8 B×3×S×S crops → normalised float crops."""
-    return [ops.normalize(c.float(), cfg.mean, cfg.std) for c in crops]
+    return [ops.normalize_(c.to(torch.float32, copy=True), cfg.mean, cfg.std) for c in crops]
 
 
 def color_on_device(batch: dict[str, Any], cfg: AugmentConfig) -> list[torch.Tensor]:

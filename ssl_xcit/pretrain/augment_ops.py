@@ -138,12 +138,14 @@ def solarize(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 128, 255.0 - x, x)
 
 
-def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], dim: int = -3) -> torch.Tensor:
-    """0..255 floats → (x/255 − mean)/std, statistics along ``dim``."""
+def normalize_(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], dim: int = -3) -> torch.Tensor:
+    """0..255 floats → (x/255 − mean)/std in place (statistics along ``dim``), returned. In
+    place because a fresh output of a batch's size costs more than the arithmetic on a CPU
+    (its pages are faulted in on first touch: 4.2 against 0.19 ms for 8 crops of 224 px)."""
     shape = [1] * x.dim()
     shape[dim] = 3
     scale, shift = _normalize_affine(tuple(map(float, mean)), tuple(map(float, std)), x.device)
-    return torch.addcmul(shift.view(shape), x, scale.view(shape))
+    return x.mul_(scale.view(shape)).add_(shift.view(shape))
 
 
 @functools.cache
@@ -184,4 +186,4 @@ def color_batch(u8: torch.Tensor, params: torch.Tensor, mean: Sequence[float], s
     blurred = (p[:, SIGMA] > 0).nonzero().squeeze(1)
     _apply(x, blurred, lambda v, r: round_levels(gaussian_blur(v, p[r, SIGMA].tolist())))
     _apply(x, (p[:, SOLARIZE] > 0).nonzero().squeeze(1), lambda v, r: solarize(v))
-    return normalize(x, mean, std)
+    return normalize_(x, mean, std)
