@@ -52,9 +52,10 @@ def open_image(image: ImageLike) -> Image.Image:
         raise UnreadableImage(str(image), err) from err
 
 
-def _decode(img: Image.Image, crops: list[CropParams]) -> tuple[torch.Tensor, float, float]:
-    """The RGB pixels (H×W×3 uint8), decoded at 1/2, 1/4 or 1/8 when every crop box still
-    spans at least its output size there; and the factors from full-size to decoded
+def _decode(img: Image.Image, crops: list[CropParams]) -> tuple[torch.Tensor | Image.Image, float, float]:
+    """The RGB pixels, decoded at 1/2, 1/4 or 1/8 when every crop box still spans at least
+    its output size there: at full size an H×W×3 uint8 tensor, at reduced size the PIL image
+    (crop boxes have fractional edges there); and the factors from full-size to decoded
     coordinates."""
     width, height = img.size
     if img.format == "JPEG" and crops:
@@ -66,21 +67,26 @@ def _decode(img: Image.Image, crops: list[CropParams]) -> tuple[torch.Tensor, fl
         rgb = img.convert("RGB")
     except DECODE_ERRORS as err:
         raise UnreadableImage(getattr(img, "filename", "") or "<image>", err) from err
-    return torch.from_numpy(np.array(rgb)), rgb.width / width, rgb.height / height
+    if rgb.size == (width, height):
+        return torch.from_numpy(np.array(rgb)), 1.0, 1.0
+    return rgb, rgb.width / width, rgb.height / height
 
 
-def _cut(pixels: torch.Tensor, c: CropParams, sx: float, sy: float) -> torch.Tensor:
-    """Crop ``c``: its box cut out (edges scaled to the decoded pixels and rounded, exact
-    when the JPEG was decoded at full size), resized to S×S with PIL's bicubic filter, and
-    flipped: uint8 3×S×S. The resize is torch's antialiased uint8 kernel, PIL's two-pass
-    algorithm (horizontal pass, 8-bit rounding, vertical pass) at 4× the speed of PIL's own;
-    the geometry is the classic pipeline's (cut the box, then resize)."""
+def _cut(decoded: torch.Tensor | Image.Image, c: CropParams, sx: float, sy: float) -> torch.Tensor:
+    """Crop ``c`` resized to S×S with PIL's bicubic filter and flipped: uint8 3×S×S.
+
+    At full size its box is cut out and resized by torch's antialiased uint8 kernel, PIL's
+    two-pass algorithm (horizontal pass, 8-bit rounding, vertical pass) at 4× the speed of
+    PIL's own, with the classic pipeline's geometry (cut the box, then resize). At reduced
+    size the box's edges are fractional, which PIL's box resample keeps exactly."""
     top, left, h, w = c.box
-    height, width = pixels.shape[:2]
-    y0, x0 = min(round(top * sy), height - 1), min(round(left * sx), width - 1)
-    y1, x1 = max(round((top + h) * sy), y0 + 1), max(round((left + w) * sx), x0 + 1)
-    box = pixels[y0:y1, x0:x1].permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
-    crop = F.interpolate(box, size=(c.size, c.size), mode="bicubic", antialias=True)[0]
+    if isinstance(decoded, Image.Image):
+        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+        crop = torch.from_numpy(np.array(decoded.resize((c.size, c.size), Image.BICUBIC, box=box))).permute(2, 0, 1)
+    else:
+        pixels = decoded[top : top + h, left : left + w].permute(2, 0, 1).unsqueeze(0)
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+        crop = F.interpolate(pixels, size=(c.size, c.size), mode="bicubic", antialias=True)[0]
     return crop.flip(-1) if c.flip else crop
 
 
@@ -182,7 +188,7 @@ class MultiCropAugmentation:
             seed = int(torch.randint(0, 2**62, ()).item())
         return sample_crops(self.cfg, image.height, image.width, seed)
 
-    def _load(self, image: ImageLike, seed: Optional[int]) -> tuple[list[CropParams], torch.Tensor, float, float]:
+    def _load(self, image: ImageLike, seed: Optional[int]) -> tuple[list[CropParams], torch.Tensor | Image.Image, float, float]:
         img = open_image(image)
         try:
             crops = self.sample(img, seed)
@@ -194,8 +200,8 @@ class MultiCropAugmentation:
     def geometric(self, image: ImageLike, seed: Optional[int] = None) -> dict[str, Any]:
         """The on-device path's worker share: uint8 3×S×S crops (cut, resized, flipped) and
         the n_crops × 12 colour parameters that :func:`color_batch` applies."""
-        crops, pixels, sx, sy = self._load(image, seed)
-        u8 = [_cut(pixels, c, sx, sy).contiguous() for c in crops]
+        crops, decoded, sx, sy = self._load(image, seed)
+        u8 = [_cut(decoded, c, sx, sy).contiguous() for c in crops]
         return {"crops": u8, "params": color_rows(crops)}
 
     def __call__(self, image: ImageLike, seed: Optional[int] = None) -> list[torch.Tensor]:
@@ -206,11 +212,11 @@ class MultiCropAugmentation:
         """The workers path's share: the whole recipe but the normalisation, as uint8 3×S×S
         crops (the blur rounded to whole levels, as DINO's 8-bit PIL pipeline ends), a
         quarter of the bytes of floats to collate, pin and ship."""
-        crops, pixels, sx, sy = self._load(image, seed)
+        crops, decoded, sx, sy = self._load(image, seed)
         out: list[torch.Tensor] = []
         for group in (crops[:2], crops[2:]):  # one hue batch per crop size
             if group:
-                colored = color_group([_cut(pixels, c, sx, sy) for c in group], group)
+                colored = color_group([_cut(decoded, c, sx, sy) for c in group], group)
                 out += [_blur_solarize(x, c).to(torch.uint8) for x, c in zip(colored, group)]
         return out
 

@@ -249,13 +249,23 @@ def test_on_device_path_equals_worker_path_with_dino_parameters():
 
 def test_jpeg_is_decoded_at_reduced_size_when_every_crop_allows_it(tmp_path):
     path = tmp_path / "big.jpg"
-    _pil(5, 800).save(path, quality=90)
+    Image.fromarray(np.array(_pil(5, 100).resize((800, 800), Image.BICUBIC))).save(path, quality=95)  # smooth
     cfg = AugmentConfig(global_crops_size=64, local_crops_size=32, local_crops_number=2, global_crops_scale=(0.9, 1.0),
-                        local_crops_scale=(0.5, 0.6))
+                        local_crops_scale=(0.5, 0.6), color_jitter_p=0, grayscale_p=0, blur_p_global1=0,
+                        blur_p_global2=0, blur_p_local=0, solarize_p_global2=0)
     aug = MultiCropAugmentation(cfg)
-    from ssl_xcit.pretrain.augment import _decode, open_image
+    from ssl_xcit.pretrain.augment import _cut, _decode, open_image
 
-    img = open_image(str(path))
-    pixels, sx, sy = _decode(img, aug.sample(img, 0))
-    assert pixels.shape[1] < 800 and sx == pixels.shape[1] / 800
-    assert [tuple(c.shape) for c in aug(str(path), 0)] == [(3, 64, 64)] * 2 + [(3, 32, 32)] * 2
+    full, _, _ = _decode(open_image(str(path)), [])  # no crops: full size
+    assert tuple(full.shape) == (800, 800, 3)
+    for seed in range(3):
+        img = open_image(str(path))
+        crops = aug.sample(img, seed)
+        reduced, sx, sy = _decode(img, crops)
+        assert reduced.width == 100 and sx == sy == 100 / 800  # 1/8: every box spans >= 8x its crop
+        # each box keeps its fractional edges at 1/8: within the DCT downscale's blur of the crop
+        # cut from the full-size decode (rounding the edges to whole pixels there moves crops by
+        # up to half a pixel and gave mean differences up to 14 levels)
+        for c, crop in zip(crops, aug.worker_crops(str(path), seed)):
+            assert crop.shape == (3, c.size, c.size)
+            assert (crop.float() - _cut(full, c, 1.0, 1.0).float()).abs().mean() < 3
