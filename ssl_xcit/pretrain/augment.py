@@ -140,8 +140,7 @@ def color_group(cut: list[torch.Tensor], crops: list[CropParams]) -> list[torch.
     PIL; the crop then becomes float once, straight into the batch whose hue runs in one
     call (per-crop shifts), and the ops after its hue run on its own float tensor."""
     colored: list[torch.Tensor] = [None] * len(crops)  # type: ignore[list-item]
-    after_hue: list[tuple[int, list[int]]] = []
-    hue_in: list[torch.Tensor] = []
+    after_hue: list[tuple[int, list[int], torch.Tensor]] = []  # crop, its ops after the hue, its pixels
     for i, (u8, c) in enumerate(zip(cut, crops)):
         todo = [op for op in c.order if op != 3 or c.factors[3] != 0] if c.jitter else []
         if (todo and todo[0] != 3) or (not todo and c.gray):  # 8-bit work in PIL first
@@ -152,16 +151,15 @@ def color_group(cut: list[torch.Tensor], crops: list[CropParams]) -> list[torch.
                 img = img.convert("L").convert("RGB")
             u8 = torch.from_numpy(np.array(img)).permute(2, 0, 1)
         if todo:  # the hue is next
-            after_hue.append((i, todo[1:]))
-            hue_in.append(u8)
+            after_hue.append((i, todo[1:], u8))
         else:
             colored[i] = _planes(u8)
     if after_hue:
-        batch = torch.empty(len(hue_in), *hue_in[0].shape)
-        for u8, planes in zip(hue_in, batch):
+        batch = torch.empty(len(after_hue), *after_hue[0][2].shape)
+        for (_, _, u8), planes in zip(after_hue, batch):
             _planes(u8, planes)
-        shifts = torch.tensor([crops[i].factors[3] for i, _ in after_hue], dtype=torch.float32).view(-1, 1, 1, 1)
-        for (i, todo), x in zip(after_hue, ops.hue(batch, shifts)):
+        shifts = torch.tensor([crops[i].factors[3] for i, _, _ in after_hue], dtype=torch.float32).view(-1, 1, 1, 1)
+        for (i, todo, _), x in zip(after_hue, ops.hue(batch, shifts)):
             for op in todo:
                 x = _jitter_tensor(x, op, crops[i])
             colored[i] = ops.luma(x).expand_as(x) if crops[i].gray else x

@@ -14,6 +14,8 @@ from ssl_xcit.pretrain.augment_params import RATIO, sample_crops
 from ssl_xcit.pretrain.config import AugmentConfig
 
 SMALL = dict(global_crops_size=32, local_crops_size=16, local_crops_number=6)
+GEOMETRY_ONLY = dict(color_jitter_p=0, grayscale_p=0, blur_p_global1=0, blur_p_global2=0, blur_p_local=0,
+                     solarize_p_global2=0)  # crop, resize and flip alone
 
 
 def _image(size=48, channels=3, seed=0):
@@ -73,8 +75,7 @@ def test_same_seed_same_crops_other_seed_other_crops():
 
 
 def test_normalisation_uses_configured_statistics():
-    cfg = AugmentConfig(global_crops_size=16, local_crops_size=16, local_crops_number=0, color_jitter_p=0,
-                        grayscale_p=0, blur_p_global1=0, blur_p_global2=0, solarize_p_global2=0,
+    cfg = AugmentConfig(global_crops_size=16, local_crops_size=16, local_crops_number=0, **GEOMETRY_ONLY,
                         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), global_crops_scale=(1.0, 1.0))
     flat = torch.full((3, 16, 16), 255, dtype=torch.uint8)
     for crops in (MultiCropAugmentation(cfg)(flat, 0), [c[0] for c in _on_device(MultiCropAugmentation(cfg), [(flat, 0)])]):
@@ -187,9 +188,8 @@ def test_crops_are_pils_bicubic_resize_of_the_box():
     PIL's two-pass resample written out: the horizontal pass, rounded to 8 bits, then the
     vertical one (this order; Pillow 13 runs the vertical pass first for some box shapes,
     which changes values only where the first pass clips an overshoot)."""
-    img = Image.fromarray(np.array(_pil(6, 24).resize((80, 64), Image.BICUBIC)))  # smooth, not square
-    cfg = AugmentConfig(global_crops_size=48, local_crops_size=24, local_crops_number=4, color_jitter_p=0,
-                        grayscale_p=0, blur_p_global1=0, blur_p_global2=0, blur_p_local=0, solarize_p_global2=0)
+    img = _pil(6, 24).resize((80, 64), Image.BICUBIC)  # smooth, not square
+    cfg = AugmentConfig(global_crops_size=48, local_crops_size=24, local_crops_number=4, **GEOMETRY_ONLY)
     aug = MultiCropAugmentation(cfg)
     diffs = []
     for seed in range(8):
@@ -249,10 +249,9 @@ def test_on_device_path_equals_worker_path_with_dino_parameters():
 
 def test_jpeg_is_decoded_at_reduced_size_when_every_crop_allows_it(tmp_path):
     path = tmp_path / "big.jpg"
-    Image.fromarray(np.array(_pil(5, 100).resize((800, 800), Image.BICUBIC))).save(path, quality=95)  # smooth
+    _pil(5, 100).resize((800, 800), Image.BICUBIC).save(path, quality=95)  # smooth
     cfg = AugmentConfig(global_crops_size=64, local_crops_size=32, local_crops_number=2, global_crops_scale=(0.9, 1.0),
-                        local_crops_scale=(0.5, 0.6), color_jitter_p=0, grayscale_p=0, blur_p_global1=0,
-                        blur_p_global2=0, blur_p_local=0, solarize_p_global2=0)
+                        local_crops_scale=(0.5, 0.6), **GEOMETRY_ONLY)
     aug = MultiCropAugmentation(cfg)
     from ssl_xcit.pretrain.augment import _cut, _decode, open_image
 
