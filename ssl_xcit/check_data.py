@@ -64,10 +64,10 @@ def check_data_command(argv: Sequence[str]) -> int:
     opts = parse_options(CheckDataOptions, argv, "ssl-xcit check-data", __doc__.splitlines()[0]).options
     if not opts.path:
         raise UserError("check-data needs the dataset: ssl-xcit check-data PATH")
-    root = resolve_image_folder(opts.path, opts.split, opts.cache_dir, default_splits=())
+    root = resolve_image_folder(opts.path, opts.split, opts.cache_dir, default_splits=(), option="--path")
     files = image_files(root)
     if not files:
-        raise UserError(f"data.path: no image files under {root}")
+        raise UserError(f"--path: no image files under {root}")
     problems = unreadable(files, opts.workers)
     for line in problems:
         print(line)

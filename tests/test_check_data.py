@@ -30,4 +30,4 @@ def test_a_clean_archive_passes(cifar_slice_archive, tmp_path, capsys):
 
 def test_a_missing_path_is_one_line(tmp_path, capsys):
     assert main(["check-data", str(tmp_path / "nowhere")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert f"--path: {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err

@@ -54,9 +54,9 @@ def _with_normalisation(loaded: LoadedBackbone, opts: TransformOptions) -> Loade
 
 
 def _export(opts: Any, data: str, split: Optional[str], max_images: Optional[int], out: Path,
-            default_splits: tuple[str, ...]) -> Path:
+            default_splits: tuple[str, ...], option: str) -> Path:
     loaded = _with_normalisation(_backbone(opts), opts)
-    source = build_source(data, split, opts.cache_dir, max_images, default_splits=default_splits)
+    source = build_source(data, split, opts.cache_dir, max_images, default_splits=default_splits, option=option)
     meta = {"data": data, "split": split, "max_images": max_images}
     kwargs = dict(resize=opts.resize, crop=opts.crop, variant=opts.variant, batch_size=opts.batch_size,
                   num_workers=opts.num_workers, meta=meta, progress=opts.progress)
@@ -70,7 +70,8 @@ def export_command(argv: Sequence[str]) -> int:
     _require(opts, "checkpoint", "data", "out")
     candidates = tuple(opts.split.split(",")) if opts.split and "," in opts.split else None
     split = None if candidates else opts.split
-    out = _export(opts, opts.data, split, opts.max_images, Path(opts.out), candidates or ("train",))  # type: ignore[arg-type]
+    out = _export(opts, opts.data, split, opts.max_images, Path(opts.out), candidates or ("train",),  # type: ignore[arg-type]
+                  "--data")
     print(f"features written to {out}")
     return 0
 
@@ -112,20 +113,21 @@ def _stores(opts: EvaluateOptions) -> tuple[FeatureStore, FeatureStore]:
             raise UserError("give --train DIR --test DIR, or --checkpoint CKPT --train-data PATH [--test-data PATH]")
         root = Path(opts.features_dir).expanduser()
         test_data = opts.test_data or opts.train_data
-        splits = [(opts.train_data, opts.train_split, opts.max_train_images, ("train",)),
-                  (test_data, opts.test_split, opts.max_test_images, ("val", "test"))]
+        splits = [(opts.train_data, opts.train_split, opts.max_train_images, ("train",), "--train-data"),
+                  (test_data, opts.test_split, opts.max_test_images, ("val", "test"), "--test-data")]
         train, test = (
-            _load_or_export(opts, data, split, limit, root / _store_key(opts, data, split, limit, defaults), defaults)
-            for data, split, limit, defaults in splits
+            _load_or_export(opts, data, split, limit, root / _store_key(opts, data, split, limit, defaults), defaults,
+                            option)
+            for data, split, limit, defaults, option in splits
         )
     check_compatible(train, test)
     return train, test
 
 
 def _load_or_export(opts: EvaluateOptions, data: str, split: Optional[str], limit: Optional[int], out: Path,
-                    default_splits: tuple[str, ...]) -> FeatureStore:
+                    default_splits: tuple[str, ...], option: str) -> FeatureStore:
     if not (out / "meta.json").exists():
-        _export(opts, data, split, limit, out, default_splits)
+        _export(opts, data, split, limit, out, default_splits, option)
     return load_feature_store(out)
 
 
@@ -175,9 +177,10 @@ def _dino_protocol(opts: EvaluateOptions) -> int:
     if not (opts.checkpoint and opts.train_data) or opts.train or opts.test:
         raise UserError("--protocol dino trains through images: give --checkpoint and --train-data [--test-data]")
     loaded = _with_normalisation(_backbone(opts), opts)
-    train = build_source(opts.train_data, opts.train_split, opts.cache_dir, opts.max_train_images)
+    train = build_source(opts.train_data, opts.train_split, opts.cache_dir, opts.max_train_images,
+                         option="--train-data")
     test = build_source(opts.test_data or opts.train_data, opts.test_split, opts.cache_dir, opts.max_test_images,
-                        default_splits=("val", "test"))
+                        default_splits=("val", "test"), option="--test-data")
     report = dino_linear_eval(loaded, train, test, len(describe(train)[2]), epochs=opts.epochs,
                               batch_size=opts.batch_size, base_lr=opts.base_lr, resize=opts.resize, crop=opts.crop,
                               num_workers=opts.num_workers, seed=opts.seed)

@@ -7,7 +7,6 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.datasets import ImageFolder
 
 from ssl_xcit.pretrain.augment import MultiCropAugmentation
 from ssl_xcit.pretrain.config import AugmentConfig, DataConfig
@@ -15,7 +14,7 @@ from ssl_xcit.compat import batches_done
 from ssl_xcit.errors import UserError
 from ssl_xcit.pretrain.preemption import ignore_stop_signals
 from ssl_xcit.pretrain.sampler import ResumableDistributedSampler
-from ssl_xcit.image_sources import UnreadableImage, build_source
+from ssl_xcit.image_sources import ImageFolderSource, UnreadableImage, build_source
 
 
 class MultiCropDataset(Dataset):
@@ -41,8 +40,8 @@ class MultiCropDataset(Dataset):
         source = self.source
         while isinstance(source, Subset):
             source, index = source.dataset, source.indices[index]
-        if isinstance(source, ImageFolder):
-            return source.samples[index][0]
+        if isinstance(source, ImageFolderSource):
+            return source.path(index)
         return source[index][0]
 
     def _augment(self, index: int, seed: int) -> dict[str, Any]:

@@ -43,9 +43,10 @@ class KNNMonitor(pl.Callback):
         if not m.train_path:
             raise UserError("monitor.train_path is required when monitor.every_n_epochs > 0 or monitor.at_start")
         transform = eval_transform(m.resize, m.crop, cfg.augment.mean, cfg.augment.std)
-        train = build_source(m.train_path, m.train_split, cfg.data.cache_dir, m.max_train_images)
+        train = build_source(m.train_path, m.train_split, cfg.data.cache_dir, m.max_train_images,
+                             option="monitor.train_path")
         val = build_source(m.val_path or m.train_path, m.val_split, cfg.data.cache_dir, m.max_val_images,
-                           default_splits=("val", "test"))
+                           default_splits=("val", "test"), option="monitor.val_path")
         self.train, self.val = Transformed(train, transform), Transformed(val, transform)
 
     @property
