@@ -54,3 +54,38 @@ def tiny_pretrain_args(data_path: str, run_dir: Path, **overrides: str) -> list[
     }
     args.update({k.replace("__", "."): v for k, v in overrides.items()})
     return [token for key, value in args.items() for token in (f"--{key}", value)]
+
+
+OFFICIAL_XCIT_NANO = REPO / "tests" / "fixtures" / "official_dino_xcit_nano_12_p16_full_checkpoint.txt"
+
+
+def official_layout(fixture: Path = OFFICIAL_XCIT_NANO) -> dict[str, tuple[int, ...]]:
+    """KEY -> shape of an official DINO checkpoint, as the fixture file lists them."""
+    lines = [line.split() for line in fixture.read_text().splitlines() if line and not line.startswith("#")]
+    return {key: () if shape == "-" else tuple(int(d) for d in shape.split(",")) for key, shape in lines}
+
+
+def random_tensors(layout: dict[str, tuple[int, ...]], seed: int) -> dict:
+    """Random values under ``layout``'s keys and shapes, all distinct (BatchNorm step counts as
+    int64, running variances positive)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    values = {key: torch.randint(1, 2**40, (), generator=generator) if key.endswith("num_batches_tracked")
+              else torch.randn(shape, generator=generator) for key, shape in layout.items()}
+    return {key: value.abs() if key.endswith("running_var") else value for key, value in values.items()}
+
+
+def assert_same_checkpoint(a: dict, b: dict, step: int) -> None:
+    """Two ``last.ckpt`` dicts of runs that must be identical: both at ``step``, every weight and
+    every optimizer state tensor equal bit for bit."""
+    import torch
+
+    assert a["global_step"] == b["global_step"] == step, (a["global_step"], b["global_step"], step)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    different = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
+    assert not different, f"{len(different)} of {len(a['state_dict'])} tensors differ, e.g. {different[:3]}"
+    moments_a, moments_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert moments_a.keys() == moments_b.keys()
+    different = [i for i in moments_a if not all(torch.equal(moments_a[i][k], moments_b[i][k]) for k in moments_a[i])]
+    assert not different, f"optimizer state of {len(different)} of {len(moments_a)} parameters differs"

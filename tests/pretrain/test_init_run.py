@@ -20,7 +20,8 @@ from tests.helpers import tiny_pretrain_args
 def continued_args(init, cifar_slice, run_dir, **overrides):
     overrides = {"trainer__max_epochs": "1", "monitor__every_n_epochs": "1", **overrides}
     return tiny_pretrain_args("synthetic", run_dir, data__synthetic_size="16", data__synthetic_resolution="40",
-                              model__init=str(init), monitor__train_path=str(cifar_slice), monitor__resize="32",
+                              model__init=str(init), monitor__train_path=str(cifar_slice), monitor__val_split="test",
+                              monitor__resize="32",
                               monitor__crop="32", monitor__k="5", **overrides)
 
 

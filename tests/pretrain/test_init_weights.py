@@ -16,10 +16,16 @@ from ssl_xcit.backbones import build_backbone
 from ssl_xcit.errors import UserError
 from ssl_xcit.pretrain.config import PretrainConfig
 from ssl_xcit.pretrain.head import DINOHead
-from ssl_xcit.pretrain.init_weights import dino_head_state, initialise, read_init_checkpoint
+from ssl_xcit.pretrain.init_weights import initialise
 from ssl_xcit.pretrain.module import build_student
+from ssl_xcit.weight_files import dino_head_state, read_weight_file
 
 ARCH, EMBED = "xcit_nano_12_p16_224", 128
+
+
+def read_init_checkpoint(path, which="teacher"):
+    """What ``--model.init path`` (with ``model.init_which``) reads."""
+    return read_weight_file(path, which, "model.init")
 
 
 class OldDINOHead(nn.Module):
