@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ssl_xcit.pretrain import augment_ops as ops
-from ssl_xcit.pretrain.augment_params import CropParams, color_rows, sample_crops
+from ssl_xcit.pretrain.augment_params import CropParams, color_rows, sample_crops, taps_radius
 from ssl_xcit.pretrain.config import AugmentConfig
 from ssl_xcit.image_sources import DECODE_ERRORS, UnreadableImage
 
@@ -197,10 +197,10 @@ class MultiCropAugmentation:
 
     def geometric(self, image: ImageLike, seed: Optional[int] = None) -> dict[str, Any]:
         """The on-device path's worker share: uint8 3×S×S crops (cut, resized, flipped) and
-        the n_crops × 12 colour parameters that :func:`color_batch` applies."""
+        the colour parameters and blur taps (n_crops rows) that :func:`color_batch` applies."""
         crops, decoded, sx, sy = self._load(image, seed)
         u8 = [_cut(decoded, c, sx, sy).contiguous() for c in crops]
-        return {"crops": u8, "params": color_rows(crops)}
+        return {"crops": u8, "params": color_rows(crops, taps_radius(self.cfg))}
 
     def __call__(self, image: ImageLike, seed: Optional[int] = None) -> list[torch.Tensor]:
         """The crops, normalised float C×S×S: :meth:`worker_crops` then :func:`normalize_crops`."""
@@ -233,7 +233,8 @@ def normalize_crops(crops: list[torch.Tensor], cfg: AugmentConfig) -> list[torch
 
 def color_on_device(batch: dict[str, Any], cfg: AugmentConfig) -> list[torch.Tensor]:
     """The on-device path's device share: ``{"crops": [B×3×S×S uint8] * n_crops, "params":
-    B × n_crops × 12}`` → normalised float crops, one :func:`color_batch` call per size."""
+    B × n_crops × columns}`` → normalised float crops, one :func:`color_batch` call per size
+    (no host sync: nothing is read back from the device)."""
     crops, params = batch["crops"], batch["params"]
     n_global, out = min(2, len(crops)), []
     for first, last in ((0, n_global), (n_global, len(crops))):

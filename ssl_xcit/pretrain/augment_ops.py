@@ -22,9 +22,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-# Columns of the per-crop colour-parameter rows (see augment_params.CropParams.color_row)
-JITTER, BRIGHT, CONTRAST, SATURATION, HUE, ORDER, GRAY, SIGMA, SOLARIZE = 0, 1, 2, 3, 4, 5, 9, 10, 11
-N_COLS = 12
+# Columns of the per-crop colour-parameter rows (see augment_params.CropParams.color_row): flags
+# and factors, then from TAPS on the crop's blur taps (as many as the recipe's largest σ needs)
+JITTER, BRIGHT, CONTRAST, SATURATION, HUE, ORDER, GRAY, SIGMA, SOLARIZE, TAPS = 0, 1, 2, 3, 4, 5, 9, 10, 11, 12
 
 
 def luma(x: torch.Tensor, dim: int = -3) -> torch.Tensor:
@@ -34,8 +34,15 @@ def luma(x: torch.Tensor, dim: int = -3) -> torch.Tensor:
     return (r * 19595).add_(g, alpha=38470).add_(b, alpha=7471).add_(32768).div_(65536).floor_().unsqueeze(dim)
 
 
+def blend(x: torch.Tensor, anchor: torch.Tensor | float, factor: torch.Tensor, offset: torch.Tensor | float) -> torch.Tensor:
+    """``anchor + factor·(x − anchor) + offset``, floored and clamped to 0..255: the one form of
+    brightness, contrast and saturation (so that a batch can pick its op per crop by
+    ``anchor`` and ``offset`` alone and get the values each op gives)."""
+    return (x - anchor).mul_(factor).add_(anchor).add_(offset).floor_().clamp_(0, 255)
+
+
 def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (x * factor).add_(0.5).floor_().clamp_(0, 255)
+    return blend(x, 0.0, factor, 0.5)
 
 
 def contrast_center(mean_luma: torch.Tensor) -> torch.Tensor:
@@ -44,12 +51,15 @@ def contrast_center(mean_luma: torch.Tensor) -> torch.Tensor:
 
 
 def contrast(x: torch.Tensor, factor: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-    return (x - center).mul_(factor).add_(center).add_(0.5).floor_().clamp_(0, 255)
+    return blend(x, center, factor, 0.5)
 
 
 def mean_luma(x: torch.Tensor, dim: int = -3) -> torch.Tensor:
     """Per-image mean luma in float64 (sums of integers: exact), dims kept for broadcasting."""
-    grey = luma(x, dim)
+    return _mean_of_grey(luma(x, dim))
+
+
+def _mean_of_grey(grey: torch.Tensor) -> torch.Tensor:
     pixels = grey.shape[-3] * grey.shape[-2] * grey.shape[-1]
     return grey.sum(dim=(-3, -2, -1), keepdim=True, dtype=torch.float64) / pixels
 
@@ -57,8 +67,7 @@ def mean_luma(x: torch.Tensor, dim: int = -3) -> torch.Tensor:
 def saturation(x: torch.Tensor, factor: torch.Tensor, dim: int = -3) -> torch.Tensor:
     """PIL's blend truncates; truncation and floor differ only below 0, which the clamp maps
     to 0 either way (and floor is one vectorised pass, trunc many times slower on CPU)."""
-    grey = luma(x, dim)
-    return (x - grey).mul_(factor).add_(grey).floor_().clamp_(0, 255)
+    return blend(x, luma(x, dim), factor, 0.0)
 
 
 def hue(x: torch.Tensor, shift: torch.Tensor, dim: int = -3) -> torch.Tensor:
@@ -91,12 +100,26 @@ def _hue_constants(device: torch.device) -> torch.Tensor:
     return torch.tensor([[3.0, 2.0, 4.0], [1.0, -1.0, -1.0], [-1.0, 2.0, 2.0]], device=device)
 
 
+def blur_radius(sigma: float) -> int:
+    """Half-width of the Gaussian taps of σ: ±ceil(3σ), at least 1."""
+    return max(1, math.ceil(3 * sigma))
+
+
 def gaussian_kernel(sigma: float) -> torch.Tensor:
-    """1-D Gaussian taps over ±ceil(3σ) (float64 weights, normalised, then float32)."""
-    radius = max(1, math.ceil(3 * sigma))
+    """1-D Gaussian taps over ±:func:`blur_radius` (float64 weights, normalised, then float32)."""
+    radius = blur_radius(sigma)
     i = torch.arange(-radius, radius + 1, dtype=torch.float64)
     w = torch.exp(-(i * i) / (2 * sigma * sigma))
     return (w / w.sum()).float()
+
+
+def gaussian_taps(sigma: float, radius: int) -> torch.Tensor:
+    """:func:`gaussian_kernel` zero-padded to 2·radius + 1 taps; σ = 0: the identity tap.
+    Zero taps add exact zeros, so an image blurred with its padded taps gets the values of its
+    own kernel, and the identity gives the image back exactly."""
+    kernel = gaussian_kernel(sigma) if sigma > 0 else torch.ones(1)
+    assert len(kernel) <= 2 * radius + 1, f"σ={sigma} needs more than {radius} taps a side"
+    return F.pad(kernel, (radius - len(kernel) // 2,) * 2)
 
 
 def _blur_1d(x: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.Tensor:
@@ -108,24 +131,23 @@ def _blur_1d(x: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.Tensor:
     padded = F.pad(x, pad, mode="replicate")
     w = weight.view(weight.shape[0], weight.shape[1], 1, 1, 1).unbind(1)
     out = padded.narrow(dim, radius, size) * w[radius]
+    pair = torch.empty_like(out)  # one scratch buffer: a fresh tensor per pair costs more on a CPU
     for i in range(radius):  # symmetric taps: one product per pair
-        out.add_((padded.narrow(dim, i, size) + padded.narrow(dim, 2 * radius - i, size)).mul_(w[i]))
+        out.add_(torch.add(padded.narrow(dim, i, size), padded.narrow(dim, 2 * radius - i, size), out=pair).mul_(w[i]))
     return out
 
 
+def blur(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """Separable blur of N×C×H×W float images, image i with the symmetric taps ``taps[i]``
+    (N×K, K odd), as a sum of shifted copies (cheap for the 3-13 taps of σ in [0.1, 2])."""
+    return _blur_1d(_blur_1d(x, taps, -1), taps, -2)
+
+
 def gaussian_blur(x: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
-    """Separable Gaussian blur of N×C×H×W float images, image i with σ = sigmas[i], as a sum
-    of shifted copies (cheap for the 3-13 taps of σ in [0.1, 2]). The taps span the largest
-    σ of the batch, the others zero-padded, which adds exact zeros: an image blurred alone or
-    in a batch gets the same values."""
-    kernels = [gaussian_kernel(s) for s in sigmas]
-    radius = max(len(k) for k in kernels) // 2
-    weight = torch.zeros(len(kernels), 2 * radius + 1)
-    for row, k in zip(weight, kernels):
-        off = radius - len(k) // 2
-        row[off : off + len(k)] = k
-    weight = weight.to(x.device)
-    return _blur_1d(_blur_1d(x, weight, -1), weight, -2)
+    """:func:`blur` of image i with σ = sigmas[i] (> 0); the taps span the largest σ of the
+    batch, so an image blurred alone or in a batch gets the same values."""
+    radius = max(blur_radius(s) for s in sigmas)
+    return blur(x, torch.stack([gaussian_taps(s, radius) for s in sigmas]).to(x.device))
 
 
 def round_levels(x: torch.Tensor) -> torch.Tensor:
@@ -157,33 +179,48 @@ def _normalize_affine(mean: tuple[float, ...], std: tuple[float, ...], device: t
     return (1 / (255 * s)).float().to(device), (-m / s).float().to(device)
 
 
-def _apply(x: torch.Tensor, rows: torch.Tensor, fn) -> None:
-    """x[rows] = fn(x[rows], rows) in place, for the rows (a LongTensor) that are selected."""
-    if rows.numel():
-        x.index_copy_(0, rows, fn(x.index_select(0, rows), rows))
+def _select(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` (overwritten) where the N×1×1×1 0/1 float ``mask`` is 1, else ``old``, as
+    ``old + mask·(new − old)``: exact on whole numbers, and plain arithmetic in place (a CPU
+    runs bool selects several times slower, and a fresh tensor costs more than a pass)."""
+    return new.sub_(old).mul_(mask).add_(old)
+
+
+def _jitter_slot(x: torch.Tensor, p: torch.Tensor, slot: int, active: torch.Tensor) -> torch.Tensor:
+    """The brightness, contrast or saturation each crop's ``slot`` of its order names, on the
+    crops whose ``active`` (N×1×1×1 bool) is set; the other crops, and those whose slot holds
+    the hue, get factor 1, which gives whole numbers back exactly. The three ops differ only
+    in :func:`blend`'s anchor, factor and offset, picked per crop."""
+    op = p[:, ORDER + slot].view(-1, 1, 1, 1)
+    is_contrast, is_saturation = (op == 1).float(), (op == 2).float()
+    grey = luma(x)  # N×1×H×W
+    anchor = grey.mul(is_saturation).add_(contrast_center(_mean_of_grey(grey)).mul_(is_contrast))
+    factors = p[:, BRIGHT : SATURATION + 1].gather(1, op.view(-1, 1).clamp(max=2).long()).view(-1, 1, 1, 1)
+    factors = torch.where(active & (op != 3), factors, 1.0)
+    return blend(x, anchor, factors, 0.5 - 0.5 * is_saturation)
 
 
 def color_batch(u8: torch.Tensor, params: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """The colour half of the recipe on a batch of same-size crops: N×3×H×W uint8 crops and
-    N×12 parameter rows (columns above) → normalised float32 crops, one batched op per step."""
+    N×(TAPS + K) parameter rows (columns above, then K blur taps) → normalised float32 crops.
+
+    Nothing is read back to the host: each op runs on the whole batch and every crop keeps
+    the result its row selects. A crop's jitter is its order's ops before its hue, the hue,
+    then the ops after it, so the batch runs three jitter slots, one hue and three slots
+    (the hue is the costly op). The blur multiplies each crop by its own taps (the identity
+    for σ = 0); a single tap column means no crop of the recipe blurs."""
     x = u8.float()
-    p = params.to(x.device)
-    col = lambda j: p[:, j].float().view(-1, 1, 1, 1)  # noqa: E731
-    jitter = p[:, JITTER] > 0
-    ops = (
-        lambda v, r: brightness(v, col(BRIGHT)[r]),
-        lambda v, r: contrast(v, col(CONTRAST)[r], contrast_center(mean_luma(v))),
-        lambda v, r: saturation(v, col(SATURATION)[r]),
-        lambda v, r: hue(v, col(HUE)[r]),
-    )
-    for slot in range(4):
-        for op, fn in enumerate(ops):
-            chosen = jitter & (p[:, ORDER + slot] == op)
-            if op == 3:
-                chosen &= p[:, HUE] != 0
-            _apply(x, chosen.nonzero().squeeze(1), fn)
-    _apply(x, (p[:, GRAY] > 0).nonzero().squeeze(1), lambda v, r: luma(v).expand_as(v))
-    blurred = (p[:, SIGMA] > 0).nonzero().squeeze(1)
-    _apply(x, blurred, lambda v, r: round_levels(gaussian_blur(v, p[r, SIGMA].tolist())))
-    _apply(x, (p[:, SOLARIZE] > 0).nonzero().squeeze(1), lambda v, r: solarize(v))
+    p = params.to(x.device, torch.float32)  # factors rounded to float32 as the workers path rounds them
+    col = lambda j: p[:, j].view(-1, 1, 1, 1)  # noqa: E731
+    jitter = col(JITTER) > 0
+    hue_slot = (p[:, ORDER : ORDER + 4] == 3).float().argmax(1).view(-1, 1, 1, 1)
+    for slot in range(3):
+        x = _jitter_slot(x, p, slot, jitter & (hue_slot > slot))
+    x = _select((jitter & (col(HUE) != 0)).float(), hue(x, col(HUE)), x)
+    for slot in range(1, 4):
+        x = _jitter_slot(x, p, slot, jitter & (hue_slot < slot))
+    x = _select(col(GRAY), luma(x).expand_as(x).clone(), x)
+    if p.shape[1] > TAPS + 1:
+        x = round_levels(blur(x, p[:, TAPS:]))
+    x = _select(col(SOLARIZE), solarize(x), x)
     return normalize_(x, mean, std)

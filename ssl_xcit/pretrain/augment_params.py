@@ -39,12 +39,13 @@ class CropParams:
     """Gaussian-blur σ in pixels of the crop; 0: no blur."""
     solarize: bool
 
-    def color_row(self) -> list[float]:
-        """The colour parameters as one row of :data:`augment_ops` columns."""
+    def color_row(self, blur_radius: int) -> list[float]:
+        """The colour parameters as one row of :data:`augment_ops` columns, ending with the
+        2·blur_radius + 1 taps of this crop's blur (the identity when it is not blurred)."""
         row = [float(self.jitter), *self.factors, *map(float, self.order), float(self.gray), self.sigma,
                float(self.solarize)]
-        assert len(row) == ops.N_COLS
-        return row
+        assert len(row) == ops.TAPS
+        return row + ops.gaussian_taps(self.sigma, blur_radius).tolist()
 
 
 def crop_box(rng: random.Random, height: int, width: int, scale: tuple[float, float]) -> tuple[int, int, int, int]:
@@ -111,6 +112,14 @@ def sample_crops(cfg: AugmentConfig, height: int, width: int, seed: int) -> list
     return crops
 
 
-def color_rows(crops: list[CropParams]) -> torch.Tensor:
-    """n_crops × 12 float64 tensor of the colour parameters (what the on-device path ships)."""
-    return torch.tensor([c.color_row() for c in crops], dtype=torch.float64)
+def taps_radius(cfg: AugmentConfig) -> int:
+    """Blur taps a side that every crop of the recipe fits: those of its largest σ, or none
+    (a single identity tap) when no crop is ever blurred."""
+    ever = max(cfg.blur_p_global1, cfg.blur_p_global2, cfg.blur_p_local) > 0
+    return ops.blur_radius(cfg.blur_sigma[1]) if ever else 0
+
+
+def color_rows(crops: list[CropParams], blur_radius: int) -> torch.Tensor:
+    """n_crops × (TAPS + 2·blur_radius + 1) float64 tensor of the colour parameters and blur
+    taps (what the on-device path ships: its device then only multiplies)."""
+    return torch.tensor([c.color_row(blur_radius) for c in crops], dtype=torch.float64)

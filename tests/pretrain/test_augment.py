@@ -50,7 +50,7 @@ def test_worker_share_of_the_device_path_is_uint8_crops_and_parameter_rows():
     out = MultiCropAugmentation(AugmentConfig(**SMALL)).geometric(_image(), 1)
     assert [tuple(c.shape) for c in out["crops"]] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 6
     assert all(c.dtype == torch.uint8 for c in out["crops"])
-    assert out["params"].shape == (8, ops.N_COLS)
+    assert out["params"].shape == (8, ops.TAPS + 13)  # the taps of σ = 2: ±6
 
 
 def test_workers_ship_uint8_crops_that_normalise_to_the_crops():
@@ -245,6 +245,70 @@ def test_on_device_path_equals_worker_path_with_dino_parameters():
     device = _on_device(aug, samples)
     for i, (image, seed) in enumerate(samples):
         assert all(torch.equal(c, device[j][i]) for j, c in enumerate(aug(image, seed)))
+
+
+# Tensor methods that copy a value to the host (a host sync when the tensor is on a GPU)
+HOST_READS = ("nonzero", "tolist", "item", "__bool__", "__int__", "__float__", "cpu", "numpy")
+EVERY_OP = dict(global_crops_size=32, local_crops_size=16, local_crops_number=3, color_jitter_p=0.9, grayscale_p=0.3,
+                blur_p_global2=0.5, solarize_p_global2=0.5)
+
+
+def _refuse(name):
+    def method(*args, **kwargs):
+        raise AssertionError(f"Tensor.{name} read a value back to the host")
+    return method
+
+
+def test_on_device_path_reads_nothing_back_to_the_host(monkeypatch):
+    """With every host-reading Tensor method made to raise, the device share still runs and
+    gives the workers path's pixels (every op, every jitter order, on 32 samples)."""
+    aug = MultiCropAugmentation(AugmentConfig(**EVERY_OP))
+    samples = [(_image(48, seed=s), s) for s in range(32)]
+    batch = default_collate([aug.geometric(image, seed) for image, seed in samples])
+    expected = [aug(image, seed) for image, seed in samples]
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, _refuse(name))
+    device = color_on_device(batch, aug.cfg)
+    monkeypatch.undo()
+    for i, crops in enumerate(expected):
+        assert all(torch.equal(c, device[j][i]) for j, c in enumerate(crops)), f"sample {i}"
+
+
+@pytest.mark.parametrize("blur", [True, False])
+def test_on_device_path_needs_no_values_to_run(blur):
+    """On the meta device (shapes, no values) an op whose output shape or control flow
+    depends on values (nonzero, boolean indexing, item) cannot run: the device share runs
+    there, so it makes no such op, with and without blur taps."""
+    cfg = AugmentConfig(**EVERY_OP) if blur else AugmentConfig(**{**EVERY_OP, **GEOMETRY_ONLY})
+    aug = MultiCropAugmentation(cfg)
+    batch = default_collate([aug.geometric(_image(48, seed=s), s) for s in range(4)])
+    on_meta = {"crops": [c.to("meta") for c in batch["crops"]], "params": batch["params"].to("meta")}
+    out = color_on_device(on_meta, cfg)
+    assert [tuple(c.shape) for c in out] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
+
+
+def test_on_device_path_equals_worker_path_without_blur():
+    """A recipe that never blurs ships a single identity tap per crop: same pixels."""
+    cfg = AugmentConfig(**{**EVERY_OP, "blur_p_global1": 0.0, "blur_p_global2": 0.0, "blur_p_local": 0.0})
+    aug = MultiCropAugmentation(cfg)
+    samples = [(_image(48, seed=s), s) for s in range(16)]
+    device = _on_device(aug, samples)
+    assert device[0].shape[0] == 16 and aug.geometric(_image(), 0)["params"].shape[1] == ops.TAPS + 1
+    for i, (image, seed) in enumerate(samples):
+        assert all(torch.equal(c, device[j][i]) for j, c in enumerate(aug(image, seed)))
+
+
+def test_padded_taps_blur_as_the_kernel_itself_and_sigma_zero_is_the_identity():
+    x = torch.stack([_planes(_pil(i, 24)) for i in range(3)])
+    taps = torch.stack([ops.gaussian_taps(s, 6) for s in (0.0, 0.5, 2.0)])
+    out = ops.blur(x, taps)
+    assert torch.equal(out[0], x[0])
+    for i, s in ((1, 0.5), (2, 2.0)):  # against the separable kernel written out as a 2-D convolution
+        k = ops.gaussian_kernel(s).double()
+        r = len(k) // 2
+        padded = torch.nn.functional.pad(x[i : i + 1].double(), (r, r, r, r), mode="replicate")
+        ref = torch.nn.functional.conv2d(padded, torch.outer(k, k).expand(3, 1, -1, -1), groups=3)[0]
+        assert (out[i].double() - ref).abs().max() < 1e-3
 
 
 def test_jpeg_is_decoded_at_reduced_size_when_every_crop_allows_it(tmp_path):
