@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, tiny_pretrain_args
+from tests.helpers import REPO, assert_same_checkpoint, tiny_pretrain_args
 
 TOTAL = 24
 
@@ -42,14 +42,6 @@ def ssl_xcit(args: list[str], when: str | None = None) -> subprocess.CompletedPr
 
 def final(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-
-
-def assert_same_run(a: dict, b: dict) -> None:
-    assert a["global_step"] == b["global_step"] == TOTAL
-    different = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
-    assert not different, f"{len(different)} of {len(a['state_dict'])} tensors differ, e.g. {different[:3]}"
-    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def monitored_epochs(run_dir: Path) -> set[int]:
@@ -91,7 +83,7 @@ def test_killed_at_any_point_resumes_bit_identical(uninterrupted, cifar_slice, t
     resumed = ssl_xcit(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
-    assert_same_run(uninterrupted, final(tmp_path))
+    assert_same_checkpoint(uninterrupted, final(tmp_path), TOTAL)
     assert monitored_epochs(tmp_path) == {0, 1, 2}, "a k-NN figure was lost with the stop"
 
 
@@ -111,7 +103,7 @@ def test_signal_to_every_process_stops_cleanly_and_resumes_bit_identical(uninter
     assert final(tmp_path)["global_step"] == stopped_at
     resumed = ssl_xcit(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_run(uninterrupted, final(tmp_path))
+    assert_same_checkpoint(uninterrupted, final(tmp_path), TOTAL)
 
 
 def test_loader_workers_ignore_stop_signals_from_the_cluster(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import tiny_pretrain_args
+from tests.helpers import assert_same_checkpoint, tiny_pretrain_args
 from ssl_xcit.launch.submit import submit_jobs
 
 DDP_PROBE = Path(__file__).parents[1] / "pretrain" / "ddp_probe.py"
@@ -115,8 +115,6 @@ def assert_requeued_once_and_identical(result: str, run_dir: Path, reference_dir
     assert "pre-empted: checkpoint at step" in log and "start (requeue 1 of at most" in log, log
     stopped = int(log.split("checkpoint at step ")[1].split()[0])
     assert 2 <= stopped < STEPS
-    a = torch.load(reference_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == STEPS
-    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert_same_checkpoint(torch.load(reference_dir / "checkpoints" / "last.ckpt", weights_only=True),
+                           torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True), STEPS)
     return stopped

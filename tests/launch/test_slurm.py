@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ssl_xcit.launch.submit import submit_jobs
+from tests.helpers import assert_same_checkpoint
 from tests.launch.test_local_cluster import (_wait_for_step, assert_requeued_once_and_identical, results_within,
                                              two_task_job_args)
 
@@ -94,10 +95,8 @@ def test_requeue_during_the_monitor_resumes_and_ends_identical(slurm_cluster, tm
         subprocess.run(["scancel", job.job_id], check=False, timeout=30)
     log = (run_dir / "job.log").read_text()
     assert log.count(" start (requeue") == 2, log
-    a = torch.load(tmp_path / "reference" / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(last, weights_only=True)
-    assert a["global_step"] == b["global_step"] == 40
-    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert_same_checkpoint(torch.load(tmp_path / "reference" / "checkpoints" / "last.ckpt", weights_only=True),
+                           torch.load(last, weights_only=True), 40)
     logged, expected = _knn_steps(run_dir), _knn_steps(tmp_path / "reference")
     # every epoch's end (16, 32) and the run's end at max_steps (40, within epoch 2) has its figure
     assert expected == {16, 32, 40}, expected

@@ -12,7 +12,7 @@ import torch
 
 from ssl_xcit.cli import main
 from ssl_xcit.pretrain.sampler import ResumableDistributedSampler
-from tests.helpers import tiny_pretrain_args
+from tests.helpers import assert_same_checkpoint, tiny_pretrain_args
 
 STEPS = 12  # 70 images, batch 8: 8 steps an epoch; the run crosses into epoch 1
 BAD_BATCH = 3  # the corrupted image sits in the 4th batch of epoch 0
@@ -57,11 +57,6 @@ def state(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
 
 
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a["global_step"] == b["global_step"] == STEPS
-    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-
-
 def test_fail_stops_before_the_bad_batch_and_the_fixed_data_continue_exactly(images, tmp_path, capsys):
     assert main(["pretrain", *args(images, tmp_path / "reference")]) == 0
     bad = image_in_batch(images, BAD_BATCH)
@@ -73,7 +68,7 @@ def test_fail_stops_before_the_bad_batch_and_the_fixed_data_continue_exactly(ima
     assert state(run_dir)["global_step"] == BAD_BATCH  # every step before the batch, nothing of it
     bad.write_bytes(good)  # the user fixes the file and runs the same command again
     assert main(["pretrain", *args(images, run_dir)]) == 0
-    assert_same_weights(state(tmp_path / "reference"), state(run_dir))
+    assert_same_checkpoint(state(tmp_path / "reference"), state(run_dir), STEPS)
 
 
 def test_skip_trains_on_a_replacement_lists_the_file_once_and_resumes_exactly(images, tmp_path):
@@ -99,7 +94,7 @@ def test_skip_trains_on_a_replacement_lists_the_file_once_and_resumes_exactly(im
     killed = subprocess.run(cli, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert main(["pretrain", *args(images, run_dir, run__checkpoint_every_n_steps="6", **skip)]) == 0
-    assert_same_weights(state(tmp_path / "whole"), state(run_dir))
+    assert_same_checkpoint(state(tmp_path / "whole"), state(run_dir), STEPS)
     assert (run_dir / "bad_images.txt").read_text().splitlines() == [str(bad)]
 
 
