@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections.abc
 import json
-import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Generic, NamedTuple, Optional, Sequence, TypeVar, get_args, get_origin, get_type_hints
@@ -21,9 +20,6 @@ from typing import Any, Generic, NamedTuple, Optional, Sequence, TypeVar, get_ar
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace, set_parsing_settings
 
 from ssl_xcit.errors import UserError
-
-os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
-set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help shows each field's docstring
 
 Options = TypeVar("Options")
 CLI_ONLY_KEYS = ("config", "launch", "print_config")
@@ -40,7 +36,7 @@ class Parsed(NamedTuple, Generic[Options]):
         clean = self.namespace.clone()
         for key in CLI_ONLY_KEYS:
             clean.pop(key, None)
-        return self.parser.dump(clean, skip_check=True)
+        return self.parser.dump(clean, skip_validation=True)
 
     def config_name(self) -> str:
         """The stem of the last ``--config`` file, or 'default'."""
@@ -50,7 +46,13 @@ class Parsed(NamedTuple, Generic[Options]):
 
 def options_parser(options: type, prog: str, description: str, config_flag: str = "--config") -> ArgumentParser:
     """A parser of ``options`` (a dataclass) with ``--config`` files (jsonargparse then adds
-    ``--print_config``, which prints the resolved options and exits)."""
+    ``--print_config``, which prints the resolved options and exits).
+
+    ``--help`` shows each field's attribute docstring: jsonargparse reads those only when its
+    process-wide ``docstring_parse_attribute_docstrings`` setting is on, so building a parser
+    turns it on (importing this module changes nothing).
+    """
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(prog=prog, exit_on_error=False, description=description)
     parser.add_argument(config_flag, action=ActionConfigFile, help="YAML file of any of the keys below (repeatable); "
                         "options given after it override it")
@@ -131,7 +133,7 @@ def parse_options(options: type[Options], argv: Sequence[str], prog: str, descri
     argv = shell_style(underscored(argv), options)
     try:
         namespace = parser.parse_args(argv)
-        instantiated = parser.instantiate_classes(namespace)
+        instantiated = parser.instantiate(namespace)
     except (ArgumentError, ValueError, TypeError) as err:
         message = one_line(err)
         configs = _config_files(argv, config_flag)
