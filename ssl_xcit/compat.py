@@ -1,4 +1,4 @@
-"""Every touch of a private API of submitit or Lightning, in one place.
+"""Every touch of a private API of submitit, Lightning or Pillow, in one place.
 
 Each function here leans on something a library does not promise to keep. They are few,
 named for what they give, and ``tests/test_compat.py`` fails loudly when an upgrade
@@ -45,3 +45,10 @@ def batches_done(trainer: pl.Trainer) -> int:
 def grad_scaler(trainer: pl.Trainer) -> Optional[Any]:
     """The fp16 GradScaler of the precision plugin, or None (fp32, bf16)."""
     return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def pil_point_lut(img: Any, lut: list[int]) -> Any:
+    """``img.point(lut)`` for a list of whole numbers (256 per band), through Pillow's core call:
+    the public ``Image.point`` rounds each of the 768 entries in Python first, which costs more
+    than the lookup on a small crop. Raises AttributeError when Pillow no longer has the call."""
+    return img._new(img.im.point(lut, None))

@@ -54,3 +54,21 @@ def test_batches_done_counts_the_batch_in_progress_and_no_scaler_in_fp32(tmp_pat
     trainer.fit(_Tiny(), torch.utils.data.DataLoader(torch.randn(3, 2), batch_size=1))
     assert [(i, done) for i, done, _ in record.seen] == [(0, 1), (1, 2), (2, 3)]
     assert all(scaler is None for _, _, scaler in record.seen)
+
+
+def test_pil_point_lut_is_pillows_own_point():
+    """Pillow's core lookup still exists under the name used, and gives Image.point's pixels
+    (and each band's table applied to that band, written out)."""
+    import numpy as np
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (37, 23, 3), dtype=torch.uint8, generator=generator).numpy()
+    img = Image.fromarray(pixels, "RGB")
+    lut = torch.randint(0, 256, (768,), generator=generator).tolist()
+    out = compat.pil_point_lut(img, lut)  # AttributeError here: Pillow moved its core call
+    assert out.mode == "RGB" and out.size == img.size
+    assert out.tobytes() == img.point(lut).tobytes()
+    want = torch.stack([torch.tensor(lut[256 * b:256 * (b + 1)])[torch.from_numpy(pixels[..., b]).long()]
+                        for b in range(3)], dim=-1)
+    assert torch.equal(torch.from_numpy(np.asarray(out)).long(), want)

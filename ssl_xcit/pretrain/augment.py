@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ssl_xcit.compat import pil_point_lut
 from ssl_xcit.pretrain import augment_ops as ops
 from ssl_xcit.pretrain.augment_params import CropParams, color_rows, sample_crops, taps_radius
 from ssl_xcit.pretrain.config import AugmentConfig
@@ -93,9 +94,9 @@ def _cut(decoded: torch.Tensor | Image.Image, c: CropParams, sx: float, sy: floa
 def _point(img: Image.Image, values: torch.Tensor) -> Image.Image:
     """The same 8-bit lookup table on the three bands."""
     lut = values.to(torch.uint8).tolist() * 3
-    try:  # Image.point would round the 768 ints one by one in Python
-        return img._new(img.im.point(lut, None))
-    except AttributeError:
+    try:
+        return pil_point_lut(img, lut)
+    except AttributeError:  # a Pillow without the core call: the public one, same result
         return img.point(lut)
 
 
