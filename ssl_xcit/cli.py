@@ -47,7 +47,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if name not in COMMANDS:
         print(f"ssl-xcit: unknown command '{name}'\n{usage()}", file=sys.stderr)
         return 2
+    from ssl_xcit.devices import bind_local_gpu  # here, not at the top: `ssl-xcit --help` needs no torch
+
     try:
+        bind_local_gpu()
         return command(name)(rest)
     except SystemExit as done:  # --help and --print-config print, then exit through argparse
         return done.code if isinstance(done.code, int) else 0 if done.code is None else 2

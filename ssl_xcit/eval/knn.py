@@ -11,14 +11,16 @@ scores, the lower class index ranks first.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import faiss
 import numpy as np
 import torch
 
 from ssl_xcit.devices import default_device
 from ssl_xcit.eval.feature_store import FeatureError, validate_train_test
+
+if TYPE_CHECKING:
+    import faiss
 
 DEFAULT_KS = (10, 20, 100, 200)
 _FAISS_GPU_MAX_K = 2048  # faiss GPU indexes refuse larger k
@@ -36,10 +38,17 @@ def _check_k(k: int, bank_size: int) -> None:
 
 
 def _faiss_index(bank: np.ndarray, k: int, device: str | None) -> faiss.Index:
+    try:  # imported here: the torch backend works where faiss is not installed
+        import faiss
+    except ImportError as err:
+        raise FeatureError("k-NN backend faiss: faiss is not installed (pip install faiss-cpu); "
+                           "or choose the torch backend") from err
     index = faiss.IndexFlatIP(bank.shape[1])
     gpu_ok = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     if gpu_ok and device != "cpu" and k <= _FAISS_GPU_MAX_K:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        # the process's own GPU (see ssl_xcit.devices.bind_local_gpu); faiss numbers GPUs as CUDA does
+        gpu = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), gpu, index)
     index.add(bank)
     return index
 

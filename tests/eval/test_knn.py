@@ -160,3 +160,56 @@ def test_knn_evaluate_rejects_bad_input(corrupt, kwargs, message):
 def test_knn_search_rejects_k_above_bank_size():
     with pytest.raises(ValueError, match="k=6 .* 5"):
         knn_search(l2_normalize(np.eye(5, 3)), l2_normalize(np.eye(2, 3)), 6)
+
+
+def test_the_torch_backend_works_without_faiss_installed(tmp_path):
+    """A machine without faiss (as some GPU images are): the module imports, torch searches,
+    and asking for faiss says what to do."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    script = """
+import sys
+sys.modules["faiss"] = None  # any `import faiss` now raises ImportError
+import numpy as np
+from ssl_xcit.errors import UserError
+from ssl_xcit.eval.knn import knn_evaluate
+x = np.eye(4, dtype=np.float32)
+print(knn_evaluate(x, np.arange(4), x, np.arange(4), ks=(1,), backend="torch")["results"][0]["top1"])
+try:
+    knn_evaluate(x, np.arange(4), x, np.arange(4), ks=(1,), backend="faiss")
+except UserError as err:
+    print(err)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [
+        "100.0", "k-NN backend faiss: faiss is not installed (pip install faiss-cpu); or choose the torch backend"]
+
+
+def test_the_faiss_gpu_index_goes_on_the_current_device(monkeypatch):
+    """Under torchrun, rank r's current device is cuda:r (ssl_xcit.devices.bind_local_gpu): its
+    index goes there, not to GPU 0. faiss and torch.cuda are stand-ins here."""
+    import sys
+    import types
+
+    import torch
+
+    placed = []
+    fake = types.SimpleNamespace(
+        IndexFlatIP=lambda dim: types.SimpleNamespace(add=lambda bank: None, search=None),
+        StandardGpuResources=lambda: "resources",
+        get_num_gpus=lambda: 4,
+        index_cpu_to_gpu=lambda resources, gpu, index: placed.append(gpu) or index,
+    )
+    monkeypatch.setitem(sys.modules, "faiss", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    from ssl_xcit.eval.knn import _faiss_index
+
+    _faiss_index(np.eye(4, dtype=np.float32), k=2, device=None)
+    assert placed == [3]
+    _faiss_index(np.eye(4, dtype=np.float32), k=2, device="cpu")
+    assert placed == [3]  # "cpu" keeps the index on the CPU
