@@ -59,7 +59,7 @@ def _export(opts: Any, data: str, split: Optional[str], max_images: Optional[int
     source = build_source(data, split, opts.cache_dir, max_images, default_splits=default_splits, option=option)
     meta = {"data": data, "split": split, "max_images": max_images}
     kwargs = dict(resize=opts.resize, crop=opts.crop, variant=opts.variant, batch_size=opts.batch_size,
-                  num_workers=opts.num_workers, meta=meta, progress=opts.progress)
+                  num_workers=opts.num_workers, meta=meta, progress=opts.progress, precision=opts.precision)
     if launched_world()[1] > 1:  # started by torchrun: every process exports a shard
         return export_features_sharded(loaded, source, out, **kwargs)
     return export_features(loaded, source, out, **kwargs)
@@ -96,7 +96,7 @@ def _store_key(opts: EvaluateOptions, data: str, split: Optional[str], max_image
         ckpt = Path(opts.checkpoint)  # type: ignore[arg-type]
         weights = f"{ckpt.resolve()}:{ckpt.stat().st_mtime_ns}"
     stamp = f"{weights}:{opts.which}:{opts.arch}:{data}:{split}:{default_splits}:{max_images}:{opts.resize}:" \
-            f"{opts.crop}:{opts.variant}:{opts.mean}:{opts.std}"
+            f"{opts.crop}:{opts.variant}:{opts.mean}:{opts.std}:{opts.precision}"
     return hashlib.sha1(stamp.encode()).hexdigest()[:16]
 
 
@@ -183,7 +183,7 @@ def _dino_protocol(opts: EvaluateOptions) -> int:
                         default_splits=("val", "test"), option="--test-data")
     report = dino_linear_eval(loaded, train, test, len(describe(train)[2]), epochs=opts.epochs,
                               batch_size=opts.batch_size, base_lr=opts.base_lr, resize=opts.resize, crop=opts.crop,
-                              num_workers=opts.num_workers, seed=opts.seed)
+                              num_workers=opts.num_workers, seed=opts.seed, precision=opts.precision)
     report["checkpoint"] = loaded.source
     top5 = "-" if report["test_top5"] is None else f"{report['test_top5']:.2f}"
     print(f"linear probe (DINO protocol, {opts.epochs} epochs): test top1 {report['test_top1']:.2f}, top5 {top5}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from ssl_xcit.eval.feature_store import FeatureStoreWriter
 from ssl_xcit.image_sources import describe
 
 Variant = Literal["cls", "cls+avgpool"]
+Precision = Literal["fp32", "bf16"]
 
 
 def eval_transform(resize: int, crop: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
@@ -69,15 +70,22 @@ def iter_features(
     device: Optional[torch.device] = None,
     variant: Variant = "cls",
     desc: Optional[str] = None,
+    precision: Precision = "fp32",
+    worker_init_fn: Optional[Callable[[int], None]] = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Features of ``dataset[start:]`` in order, chunk by chunk: (B, D) float32 and (B,) int64.
 
-    Runs under bf16 autocast on GPU and in fp32 on CPU; ``desc`` shows a progress bar.
+    ``precision`` "fp32" runs the backbone in float32 (also inside an outer autocast region,
+    e.g. a bf16 training step's); "bf16" runs it under bf16 autocast, on CPU and GPU alike;
+    the features come back as float32 either way. ``desc`` shows a progress bar. The loader
+    draws no number from the global RNG, so a training run's random stream is the same
+    with or without feature passes in between.
     """
     device = device or default_device()
     loader = DataLoader(Subset(dataset, range(start, len(dataset))), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, pin_memory=device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+                        num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=worker_init_fn,
+                        generator=torch.Generator())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     batches = tqdm(loader, desc=desc, disable=desc is None, initial=start // batch_size,
                    total=-(-len(dataset) // batch_size))
     for images, labels in batches:
@@ -87,7 +95,8 @@ def iter_features(
 
 
 def compute_features(model: nn.Module, dataset: Dataset, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
-    """All features and labels of ``dataset`` in memory (for small sets such as the monitor's)."""
+    """All features and labels of ``dataset`` in memory (for small sets such as the monitor's);
+    ``kwargs`` as for :func:`iter_features`."""
     chunks = list(iter_features(model, dataset, **kwargs))
     return np.concatenate([f for f, _ in chunks]), np.concatenate([l for _, l in chunks])
 
@@ -104,11 +113,13 @@ def export_features(
     device: Optional[torch.device] = None,
     meta: Optional[dict[str, Any]] = None,
     progress: bool = True,
+    precision: Precision = "fp32",
 ) -> Path:
     """Write the features of every image of ``source`` to the store ``out_dir``.
 
     An interrupted export resumes at the first row not yet on disk. Features are stored
-    as the backbone gives them (not normalised); k-NN normalises them itself.
+    as the backbone gives them (not normalised); k-NN normalises them itself. ``precision``
+    as for :func:`iter_features`, recorded in the store's metadata.
     """
     device = device or default_device()
     model = loaded.model.to(device).eval()
@@ -120,12 +131,12 @@ def export_features(
         "checkpoint": loaded.source, "arch": loaded.arch, "variant": variant, "dim": dim, "normalized": False,
         "transform": {"resize": resize, "crop": crop, "interpolation": "bicubic", "mean": list(loaded.mean),
                       "std": list(loaded.std)},
-        "class_names": classes, **(meta or {}),
+        "precision": precision, "class_names": classes, **(meta or {}),
     }
     writer = FeatureStoreWriter(out_dir, len(dataset), dim, full_meta)
     row = writer.rows_done
     for features, labels in iter_features(model, dataset, row, batch_size, num_workers, device, variant,
-                                          desc=f"export {out_dir.name}" if progress else None):
+                                          desc=f"export {out_dir.name}" if progress else None, precision=precision):
         writer.write(row, features, labels, paths[row:row + len(features)])
         row += len(features)
     writer.finish()

@@ -21,7 +21,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from ssl_xcit.weights import LoadedBackbone
 from ssl_xcit.eval.knn import true_class_rank
-from ssl_xcit.eval.export import Transformed, embed, eval_transform
+from ssl_xcit.eval.export import Precision, Transformed, embed, eval_transform
 
 
 def train_transform(crop: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
@@ -94,8 +94,12 @@ def dino_linear_eval(
     num_workers: int = 4,
     accelerator: str = "auto",
     seed: int = 0,
+    precision: Precision = "fp32",
 ) -> dict[str, Any]:
-    """Train the linear layer for ``epochs`` and report top-1/top-5 (percent) on the test set."""
+    """Train the linear layer for ``epochs`` and report top-1/top-5 (percent) on the test set.
+
+    ``precision`` "fp32" runs backbone and layer in float32; "bf16" under bf16 autocast.
+    """
     pl.seed_everything(seed, verbose=False)
     with torch.no_grad():
         probe = eval_transform(resize, crop, loaded.mean, loaded.std)(train_source[0][0]).unsqueeze(0)
@@ -108,7 +112,7 @@ def dino_linear_eval(
                       batch_size=batch_size, num_workers=num_workers)
     trainer = pl.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=False,
                          enable_checkpointing=False, enable_model_summary=False,
-                         precision="bf16-mixed" if torch.cuda.is_available() and accelerator != "cpu" else "32-true")
+                         precision="bf16-mixed" if precision == "bf16" else "32-true")
     with warnings.catch_warnings():  # the frozen backbone is in eval mode on purpose
         warnings.filterwarnings("ignore", message="Found .* module\\(s\\) in eval mode")
         trainer.fit(module, train)

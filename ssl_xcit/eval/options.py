@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from ssl_xcit.eval.export import Precision
 from ssl_xcit.eval.knn import DEFAULT_KS
 from ssl_xcit.eval.linear_grid import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS
 
@@ -49,6 +50,9 @@ class TransformOptions:
     """cls: the class token (DINO's feature); cls+avgpool: class token + mean patch token."""
     batch_size: int = 256
     """Images per forward pass."""
+    precision: Precision = "fp32"
+    """Backbone arithmetic: fp32, float32; bf16, bf16 autocast (faster on GPUs, features good to bf16's
+    ~3 significant digits; linear dino also trains its layer under it). Features are stored as float32."""
     num_workers: int = min(4, os.cpu_count() or 1)
     """Data-loading processes."""
     cache_dir: str = "~/.cache/ssl-xcit"

@@ -30,6 +30,13 @@ def test_export_then_knn_and_linear_on_real_images(cifar_slice, tiny_checkpoint,
         direct = loaded.model(eval_transform(32, 32, loaded.mean, loaded.std)(image).unsqueeze(0))[0].numpy()
     assert np.allclose(train.features[0], direct, atol=1e-5) and train.labels[0] == label
 
+    # --precision bf16 reaches the backbone and is recorded; float32 is the default
+    assert main(["export", *common, "--split", "test", "--precision", "bf16", "--out", str(tmp_path / "bf16")]) == 0
+    fp32, bf16 = load_feature_store(tmp_path / "test"), load_feature_store(tmp_path / "bf16")
+    assert (fp32.meta["precision"], bf16.meta["precision"]) == ("fp32", "bf16")
+    assert not np.array_equal(bf16.features, fp32.features)
+    assert np.abs(bf16.features - fp32.features).max() < 0.02 * np.abs(fp32.features).max()
+
     report = tmp_path / "knn.json"
     assert main(["knn", "--train", str(tmp_path / "train"), "--test", str(tmp_path / "test"),
                  "--k", "10", "20", "--out", str(report)]) == 0
@@ -174,3 +181,37 @@ def test_an_unreadable_image_fails_the_export_naming_it(cifar_slice, tiny_checkp
                  "--num-workers", workers, "--progress", "false", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"unreadable image {bad}: " in err, err
+
+
+def _linear_output_dtypes(model: torch.nn.Module) -> set:
+    """Hooks recording the dtype each nn.Linear of ``model`` computes in."""
+    seen: set = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda mod, inputs, output: seen.add(output.dtype))
+    return seen
+
+
+def test_features_are_float32_and_bf16_runs_the_backbone_in_bf16():
+    from torch.utils.data import TensorDataset
+
+    from ssl_xcit.eval.export import compute_features
+    from ssl_xcit.weights import random_backbone
+
+    model = random_backbone("xcit_nano_12_p8_224", 0, depth=2).model.eval()
+    images = TensorDataset(torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(6))
+    kwargs = dict(batch_size=4, num_workers=0, device=torch.device("cpu"))
+    dtypes = _linear_output_dtypes(model)
+    fp32, _ = compute_features(model, images, **kwargs)
+    assert dtypes == {torch.float32}
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # e.g. the monitor inside a bf16 training step
+        inside, _ = compute_features(model, images, **kwargs)
+    assert np.array_equal(inside, fp32), "fp32 features must not inherit an outer autocast"
+    dtypes.clear()
+    bf16, labels = compute_features(model, images, precision="bf16", **kwargs)
+    assert dtypes == {torch.bfloat16}
+    assert fp32.dtype == bf16.dtype == np.float32 and labels.tolist() == list(range(6))
+    assert not np.array_equal(bf16, fp32)
+    assert np.abs(bf16 - fp32).max() < 0.02 * np.abs(fp32).max()  # bf16 keeps ~3 significant digits
+    cosine = (bf16 * fp32).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(fp32, axis=1)
+    assert cosine.min() > 0.9999
