@@ -36,7 +36,8 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     """Seeded split of row indices into (train, val), taking ``val_fraction`` of each class.
 
     A class keeps at least one training row; its validation share is rounded to the
-    nearest whole row.
+    nearest whole row (so a small fraction of small classes may hold out nothing). The
+    probe's head selection and the pretraining monitor's held-out queries both use it.
 
     Args:
         labels: (N,) class indices.
@@ -53,10 +54,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
         n_val = min(int(round(val_fraction * len(rows))), len(rows) - 1)
         val.append(rows[:n_val])
         train.append(rows[n_val:])
-    train_idx, val_idx = np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
-    if len(val_idx) == 0:
-        raise FeatureError(f"val_fraction={val_fraction} of {len(labels)} training features leaves no validation rows")
-    return train_idx, val_idx
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
 def _sgd_step(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, lr: torch.Tensor, wd: torch.Tensor) -> None:
@@ -172,7 +170,12 @@ def linear_probe(
     dev = default_device(device)
     x = torch.from_numpy(l2_normalize(train_features)).to(dev)
     y = torch.from_numpy(train_labels.astype(np.int64)).to(dev)
-    fit_idx, val_idx = (torch.from_numpy(i).to(dev) for i in stratified_split(train_labels, val_fraction, seed))
+    fit_rows, val_rows = stratified_split(train_labels, val_fraction, seed)
+    if len(val_rows) == 0:
+        raise FeatureError(
+            f"val_fraction={val_fraction} of {len(train_labels)} training features leaves no validation rows"
+        )
+    fit_idx, val_idx = torch.from_numpy(fit_rows).to(dev), torch.from_numpy(val_rows).to(dev)
     grid = [(float(lr), float(wd)) for lr in lrs for wd in weight_decays]
     lr_t, wd_t = (torch.tensor(v, dtype=torch.float32, device=dev) for v in zip(*grid))
     weight, bias = train_heads(x[fit_idx], y[fit_idx], lr_t, wd_t, num_classes, epochs, batch_size, seed)

@@ -221,11 +221,21 @@ class MonitorConfig:
     train_path: Optional[str] = None
     """Labelled images whose features form the k-NN bank (folder or .tar.gz)."""
     train_split: Optional[str] = "train"
+    holdout_fraction: float = 0.02
+    """With val_path and val_split unset, the images to classify are this share of each class of
+    train_split (drawn with a fixed seed) and the bank is the rest: the monitor never sees the test
+    split, so settings chosen from its figures are not chosen on the test set. Pretraining still
+    sees the held-out images, unlabelled (the labels are what the monitor holds out)."""
     val_path: Optional[str] = None
-    """Labelled images to classify; default: train_path."""
-    val_split: Optional[str] = "test"
+    """Labelled images to classify instead of the holdout (its val or test split unless val_split says)."""
+    val_split: Optional[str] = None
+    """Split to classify instead of the holdout, e.g. test (of val_path, else of train_path)."""
     max_train_images: Optional[int] = None
+    """Cut the bank to a fixed random subset of this many images (after the holdout)."""
     max_val_images: Optional[int] = None
+    """Cut the images to classify likewise."""
+    num_workers: int = 4
+    """Data-loading processes of each rank's share of a pass (every rank computes 1/world of the features)."""
     resize: int = 256
     """Evaluation transform: resize the short side, then centre-crop."""
     crop: int = 224
