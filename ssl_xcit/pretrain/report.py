@@ -2,7 +2,9 @@
 
 Reads every ``logs/version_*/metrics.csv`` of the run folder (one per (re)start; a later
 segment wins where two logged the same step) and ``config.yaml`` (for K, the number of
-prototypes). Panels: the loss; the k-NN monitor with the random-init floor (and RankMe);
+prototypes). Whatever was logged is drawn; a run that has logged nothing yet (fewer steps
+than ``trainer.log_every_n_steps``) is said so in one line. Panels: the loss; the k-NN
+monitor with the random-init floor (and RankMe);
 the teacher's entropy and the KL of its batch mean to uniform, both against log K (either
 reaching log K is a collapse); lr and weight decay; teacher momentum and temperature; the
 center's norm.
@@ -26,6 +28,7 @@ from ssl_xcit.errors import UserError
 from ssl_xcit.files import atomic_write, atomic_write_text
 from ssl_xcit.options import parse_options
 from ssl_xcit.plotting import pyplot
+from ssl_xcit.pretrain.config import TrainerConfig
 
 Curves = dict[str, dict[int, float]]
 
@@ -45,10 +48,9 @@ def _version(path: Path) -> int:
 
 
 def read_curves(run_dir: Path) -> Curves:
-    """metric → {step: value} over every log segment of the run, later segments winning."""
+    """metric → {step: value} over every log segment of the run, later segments winning
+    (empty when nothing was logged yet)."""
     files = sorted(run_dir.glob("logs/version_*/metrics.csv"), key=_version)
-    if not files:
-        raise UserError(f"run_dir: no logs/version_*/metrics.csv under {run_dir} (is it an ssl-xcit run folder?)")
     curves: Curves = {}
     for path in files:
         with open(path, newline="") as f:
@@ -60,12 +62,39 @@ def read_curves(run_dir: Path) -> Curves:
     return curves
 
 
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """The run's resolved config.yaml as a dict (empty without one)."""
+    config = run_dir / "config.yaml"
+    return (yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
+
+
 def prototypes(run_dir: Path) -> Optional[int]:
     """K, from the run's config.yaml, if there is one."""
-    config = run_dir / "config.yaml"
-    if not config.is_file():
-        return None
-    return (yaml.safe_load(config.read_text()) or {}).get("model", {}).get("out_dim")
+    return run_config(run_dir).get("model", {}).get("out_dim")
+
+
+def check_run_folder(run_dir: Path) -> None:
+    """Raises UserError, naming what is missing, when ``run_dir`` is no ssl-xcit run folder
+    (``ssl-xcit pretrain`` writes config.yaml, then logs/ when training starts)."""
+    if not run_dir.is_dir():
+        raise UserError(f"run_dir: {run_dir} does not exist")
+    if not (run_dir / "config.yaml").is_file() and not (run_dir / "logs").is_dir():
+        raise UserError(f"run_dir: {run_dir} is not an ssl-xcit run folder: it has neither config.yaml nor logs/")
+
+
+def nothing_logged(run_dir: Path) -> str:
+    """Why a run folder holds no logged value yet, in one line: Lightning writes the loggers
+    every ``trainer.log_every_n_steps`` optimizer steps, and the run has made fewer."""
+    every = run_config(run_dir).get("trainer", {}).get("log_every_n_steps", TrainerConfig.log_every_n_steps)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    done = "has saved no checkpoint yet"
+    if last.is_file():
+        import torch
+
+        step = torch.load(last, map_location="cpu", mmap=True, weights_only=True)["global_step"]
+        done = f"its last checkpoint is at step {step}"
+    return (f"run_dir: nothing logged yet in {run_dir}: the run writes its curves every {every} optimizer steps "
+            f"(trainer.log_every_n_steps in its config.yaml) and {done}")
 
 
 def _plot(ax: Any, curves: Curves, key: str, label: Optional[str] = None, **style: Any) -> bool:
@@ -149,7 +178,10 @@ def html_page(png: bytes, curves: Curves, title: str) -> str:
 
 
 def write_report(run_dir: Path, out: Path) -> Path:
+    check_run_folder(run_dir)
     curves = read_curves(run_dir)
+    if not curves:
+        raise UserError(nothing_logged(run_dir))
     fig = draw_report(curves, prototypes(run_dir), f"ssl-xcit run {run_dir}")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
