@@ -23,6 +23,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("ssl_xcit.pretrain.report", "report_command", "a run's training curves as a PNG or HTML page"),
     "check-data": ("ssl_xcit.check_data", "check_data_command",
                    "find the images of a dataset that cannot be decoded (PATH [--split S] [--workers N])"),
+    "dense-export": ("ssl_xcit.eval.dense_export", "dense_export_command",
+                     "per-patch features of a frozen backbone over a folder of images, at any size"),
+    "segment": ("ssl_xcit.eval.segment_command", "segment_command",
+                "linear segmentation probe on frozen patch features: mIoU, per-class IoU, pixel accuracy"),
+    "foreground": ("ssl_xcit.eval.foreground", "foreground_command",
+                   "foreground discovery from class attention: IoU against binary masks"),
 }
 
 

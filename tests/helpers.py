@@ -89,3 +89,19 @@ def assert_same_checkpoint(a: dict, b: dict, step: int) -> None:
     assert moments_a.keys() == moments_b.keys()
     different = [i for i in moments_a if not all(torch.equal(moments_a[i][k], moments_b[i][k]) for k in moments_a[i])]
     assert not different, f"optimizer state of {len(different)} of {len(moments_a)} parameters differs"
+
+
+def slice_image_mask_pairs(archive: Path, dest: Path, count: int) -> Path:
+    """The first ``count`` stems (by name) of an ``images/`` + ``masks/`` archive of ../shared/data
+    (CamVid, Weizmann Horse), their masks and ``classes.txt``, extracted into ``dest``; returns
+    the dataset's folder (``dest/<archive's top folder>``)."""
+    if not archive.is_file():
+        pytest.skip(f"real images not found at {archive}")
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        images = sorted(m.name for m in members if m.isfile() and Path(m.name).parent.name == "images")[:count]
+        stems = {Path(name).stem for name in images}
+        wanted = [m for m in members if m.isfile() and (Path(m.name).name == "classes.txt" or (
+            Path(m.name).parent.name in ("images", "masks") and Path(m.name).stem in stems))]
+        tar.extractall(dest, members=wanted, filter="data")
+    return dest / Path(images[0]).parts[0]

@@ -134,3 +134,119 @@ class EvaluateOptions(ProtocolOptions, BackboneOptions):
     """Where on-the-fly feature stores are kept (and resumed, and reused)."""
     out: Optional[str] = None
     """Write the JSON report here."""
+
+
+@dataclass
+class DenseOptions:
+    """How images become patch-feature grids (ssl-xcit dense-export, segment)."""
+
+    height: Optional[int] = None
+    """Height every image is resized to (bicubic), a multiple of the patch size; with --width.
+    Default: the images' own size, which they must then share."""
+    width: Optional[int] = None
+    """Width every image is resized to; with --height."""
+    blocks: int = 1
+    """Patch tokens of the last this many XCA blocks, each after the final norm, concatenated."""
+    window: Optional[int] = None
+    """Sliding window side in pixels (a multiple of the patch size): each window is embedded apart
+    and a patch gets the mean of its windows' features. Default: the whole image at once."""
+    stride: Optional[int] = None
+    """Step between sliding windows (default: --window, no overlap)."""
+    mean: Optional[tuple[float, float, float]] = None
+    """Normalisation mean; default: the checkpoint's training normalisation (ImageNet's when it has none)."""
+    std: Optional[tuple[float, float, float]] = None
+    """Normalisation std; default: as for mean."""
+    precision: Precision = "fp32"
+    """Backbone arithmetic: fp32, or bf16 autocast. Features are stored as float16 either way."""
+    batch_size: int = 8
+    """Images per forward pass."""
+    num_workers: int = min(2, os.cpu_count() or 1)
+    """Data-loading processes."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class DenseExportOptions(DenseOptions, BackboneOptions):
+    """ssl-xcit dense-export: per-patch features of a frozen backbone over a folder of images."""
+
+    images: Optional[str] = None
+    """Folder of images (required)."""
+    split_list: Optional[str] = None
+    """File of image stems, one per line: export those, in that order (default: every image, by name)."""
+    out: Optional[str] = None
+    """Dense feature store folder to write (required); rerun the same command to resume it."""
+
+
+@dataclass
+class SegmentOptions(DenseOptions, BackboneOptions):
+    """ssl-xcit segment: linear segmentation probe on frozen patch features (BatchNorm + 1x1 conv)."""
+
+    images: Optional[str] = None
+    """Folder of images (required)."""
+    masks: Optional[str] = None
+    """Folder of masks (required): single-channel PNGs of class indices, same stems as the images."""
+    splits: Optional[str] = None
+    """Folder of split lists train.txt, test.txt and optionally val.txt (stems, one per line).
+    Without val.txt, --val-fraction of train is the validation split; without --splits, test
+    and validation are carved from all images (seeded)."""
+    classes: Optional[str] = None
+    """Class names file (required), '<index> <name>' or '<name>' per line; the ignore label's line,
+    if listed, is skipped."""
+    ignore_label: Optional[int] = 255
+    """Mask value counted nowhere (no loss, no score)."""
+    test_height: Optional[int] = None
+    """Height of the validation and test images (default: --height): the test-time resolution."""
+    test_width: Optional[int] = None
+    """Width of the validation and test images (default: --width)."""
+    test_window: Optional[int] = None
+    """Sliding window at test time (default: --window; none: whole image)."""
+    test_stride: Optional[int] = None
+    """Sliding window stride at test time (default: --stride)."""
+    lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2])
+    """AdamW learning rates tried; the one with the best validation mIoU is tested."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    epochs: int = 10
+    """Passes over the training images per learning rate (the lr decays linearly to 0)."""
+    probe_batch_size: int = 8
+    """Images per probe step."""
+    probe_pixels: int = 4096
+    """Pixels per image in each step's loss, drawn among the counted ones (the upsampled logits
+    read there only; an unbiased estimate of the image's loss at a fraction of the cost); 0: all."""
+    val_fraction: float = 0.1
+    """Share of the training images held out for validation when there is no val.txt."""
+    test_fraction: float = 0.2
+    """Share of all images held out for test when there are no split lists."""
+    seed: int = 0
+    """Seeds the carved splits, the probe's initialisation and its batch order."""
+    features_dir: str = "~/.cache/ssl-xcit/dense"
+    """Where the dense stores are kept (and resumed, and reused)."""
+    out: Optional[str] = None
+    """Folder for report.json and predictions.png (required)."""
+    show: int = 4
+    """Test images drawn in predictions.png (image | ground truth | prediction)."""
+
+
+@dataclass
+class ForegroundOptions(BackboneOptions):
+    """ssl-xcit foreground: class-attention masks scored by IoU against binary foreground masks."""
+
+    images: Optional[str] = None
+    """Folder of images (required)."""
+    masks: Optional[str] = None
+    """Folder of binary masks (required), same stems: a pixel above 127 is foreground."""
+    size: int = 224
+    """Short side the image is resized to (bicubic); the long side is rounded to the patch grid."""
+    keep: float = 0.6
+    """Share of the attention mass the mask keeps (DINO's 0.6)."""
+    box: float = 0.5
+    """Side of the centred-box baseline, as a share of each image side."""
+    mean: Optional[tuple[float, float, float]] = None
+    """Normalisation mean; default: the checkpoint's training normalisation (ImageNet's when it has none)."""
+    std: Optional[tuple[float, float, float]] = None
+    """Normalisation std; default: as for mean."""
+    out: Optional[str] = None
+    """Folder for report.json and foreground.png (required)."""
+    show: int = 6
+    """Images drawn in foreground.png (image | mask | attention mask)."""
