@@ -63,7 +63,10 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_dim) → (N, out_dim) logits."""
+        """(N, in_dim) → (N, out_dim) logits, in the last layer's dtype (float32 under any mixed
+        precision): the logits are divided by a teacher temperature of 0.04, so a bf16 rounding
+        of them (8 bits of mantissa) would become ~0.05 nats of error per logit."""
         x = self.mlp(x)
-        x = F.normalize(x, dim=-1, p=2)
-        return self.last_layer(x)
+        weight = self.last_layer.parametrizations.weight.original1
+        with torch.autocast(x.device.type, enabled=False):
+            return self.last_layer(F.normalize(x.to(weight.dtype), dim=-1, p=2))

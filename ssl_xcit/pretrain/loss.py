@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -19,10 +21,14 @@ def dino_cross_entropy(
 ) -> torch.Tensor:
     """Mean cross-entropy between teacher and student over all pairs of different views.
 
-    The teacher distribution of view ``t`` is ``softmax((teacher_t - center) / teacher_temp)``;
-    the student's of view ``s`` is ``log_softmax(student_s / student_temp)``. The loss is
-    ``-sum_c P_t[c] log P_s[c]`` averaged over the batch and then over every pair
-    ``(t, s)`` with ``t != s``; teacher views are the first ``n_teacher_views`` student views.
+    The teacher distribution of view ``t`` is ``P_t = softmax((teacher_t - center) / teacher_temp)``;
+    the student's of view ``s`` is ``log p_s = log_softmax(student_s / student_temp)``. The loss is
+    ``-sum_c P_t[c] log p_s[c]`` averaged over the batch and then over every pair ``(t, s)``
+    with ``t != s``; teacher views are the first ``n_teacher_views`` student views.
+
+    The sum over pairs is computed as two products instead of one per pair:
+    ``sum_t sum_{s != t} P_t . log p_s = (sum_t P_t) . (sum_s log p_s) - sum_t P_t . log p_t``,
+    so backward keeps (B, K) tensors a fixed number of times, not once per pair.
 
     Args:
         student_logits: (n_student_views * B, K), views stacked view-major.
@@ -32,18 +38,13 @@ def dino_cross_entropy(
     Returns:
         Scalar loss (float32 whatever the input dtype).
     """
-    student_log_probs = F.log_softmax(student_logits.float() / student_temp, dim=-1)
-    teacher_probs = F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1).detach()
-    student_views = student_log_probs.chunk(n_student_views)
-    teacher_views = teacher_probs.chunk(n_teacher_views)
-    total, n_pairs = student_logits.new_zeros((), dtype=torch.float32), 0
-    for t, p_teacher in enumerate(teacher_views):
-        for s, log_p_student in enumerate(student_views):
-            if s == t:
-                continue
-            total = total + torch.sum(-p_teacher * log_p_student, dim=-1).mean()
-            n_pairs += 1
-    return total / n_pairs
+    log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1).unflatten(0, (n_student_views, -1))  # (V, B, K)
+    teacher = F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1).detach()
+    teacher = teacher.unflatten(0, (n_teacher_views, -1))  # (T, B, K)
+    every_pair = (teacher.sum(dim=0) * log_p.sum(dim=0)).sum(dim=-1)  # (B,): all (t, s), t == s included
+    same_view = (teacher * log_p[:n_teacher_views]).sum(dim=(0, -1))  # (B,): the pairs t == s
+    n_pairs = n_teacher_views * (n_student_views - 1)
+    return (same_view - every_pair).mean() / n_pairs
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +58,10 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 
 class DINOLoss(nn.Module):
     """DINO loss holding the teacher center as a buffer (so it is checkpointed).
+
+    The center moves in two steps: :meth:`batch_center` (the teacher logits' mean over the
+    global batch, all-reduced, taken with the loss) and :meth:`update_center` once the step's
+    fate is known, so that a skipped step never moves it.
 
     Args:
         out_dim: K, the number of prototypes of the head.
@@ -83,11 +88,9 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
 
-    def forward(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, teacher_temp: float
-    ) -> torch.Tensor:
-        """Loss against the current center, then the center's EMA update from this batch."""
-        loss = dino_cross_entropy(
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """The loss against the current center (the center itself is not moved here)."""
+        return dino_cross_entropy(
             student_logits,
             teacher_logits,
             self.center,
@@ -96,14 +99,18 @@ class DINOLoss(nn.Module):
             self.student_temp,
             teacher_temp,
         )
-        self.update_center(teacher_logits)
-        return loss
 
     @torch.no_grad()
-    def update_center(self, teacher_logits: torch.Tensor) -> None:
-        """``center <- m * center + (1 - m) * mean(teacher logits over the global batch)``."""
-        batch_center = all_reduce_mean(teacher_logits.float().mean(dim=0, keepdim=True))
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+    def batch_center(self, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """(1, K): the mean of the teacher logits over the global batch (one all-reduce)."""
+        return all_reduce_mean(teacher_logits.float().mean(dim=0, keepdim=True))
+
+    @torch.no_grad()
+    def update_center(self, batch_center: torch.Tensor, skip: Optional[torch.Tensor] = None) -> None:
+        """``center <- m * center + (1 - m) * batch_center``, unless ``skip`` (a 0-d bool tensor,
+        the same on every rank) says the step was skipped: then the center stays as it is."""
+        moved = self.center * self.center_momentum + batch_center * (1.0 - self.center_momentum)
+        self.center.copy_(moved if skip is None else torch.where(skip, self.center, moved))
 
 
 def koleo_loss(embeddings: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
