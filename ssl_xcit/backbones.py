@@ -33,6 +33,25 @@ def build_backbone(arch: str, drop_path_rate: float = 0.0, **overrides: Any) -> 
         raise UserError(f"model.backbone_kwargs: {err}") from err
 
 
+def compile_blocks(backbone: nn.Module, **options: Any) -> nn.Module:
+    """Compile each transformer block of a timm XCiT in place (regional compilation); returns it.
+
+    Every XCA block (``backbone.blocks``) and class-attention block (``cls_attn_blocks``)
+    gets ``Module.compile(dynamic=False, **options)``. Dynamo keys its compiled code by the
+    block class's forward and guards on the block's attributes, not on which block it is, so
+    the blocks of one class share one graph per crop size, grad mode and train/eval mode:
+    the graphs, and the cold-compile time, do not grow with depth (training compiles 2
+    classes × 2 crop sizes for the student and the global size for the teacher, the k-NN
+    monitor adds its eval shapes; dynamo keeps 8 variants per class before running a block
+    eagerly). The patch embedding, positional encoding and final norm stay eager. Modules and
+    parameters are the same objects, so names, ``state_dict`` keys, checkpoints and an EMA
+    over ``parameters()`` are unchanged.
+    """
+    for block in [*backbone.blocks, *(backbone.cls_attn_blocks or [])]:
+        block.compile(dynamic=False, **options)
+    return backbone
+
+
 def patch_size(backbone: nn.Module) -> int:
     """The patch size of a timm XCiT (8 or 16)."""
     size = backbone.patch_embed.patch_size

@@ -12,11 +12,21 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import submitit
+import torch
+from pytorch_lightning.core.optimizer import LightningOptimizer
 
 
 def submitit_requeue_signal() -> int:
     """The signal submitit's SLURM jobs receive before a time-out or on pre-emption (USR2 by default)."""
     return submitit.JobEnvironment._usr_sig()
+
+
+def submitit_timed_out(handler: Any) -> bool:
+    """Whether submitit's USR2 handler (the bound ``checkpoint_and_try_requeue`` our flag
+    replaced) judges the job timed out rather than pre-empted: its own rule, which decides what
+    it counts against ``max_num_timeout``. False when ``handler`` is not submitit's."""
+    owner = getattr(handler, "__self__", None)
+    return bool(owner is not None and hasattr(owner, "has_timed_out") and owner.has_timed_out())
 
 
 def slurm_script(folder: Path, parameters: dict[str, Any]) -> str:
@@ -42,9 +52,29 @@ def batches_done(trainer: pl.Trainer) -> int:
     return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
 
-def grad_scaler(trainer: pl.Trainer) -> Optional[Any]:
-    """The fp16 GradScaler of the precision plugin, or None (fp32, bf16)."""
-    return getattr(trainer.precision_plugin, "scaler", None)
+def skip_optimizer_step_if(optimizer: Any, skip: torch.Tensor) -> None:
+    """Make the coming ``optimizer.step()`` a no-op on the device when the 0-d bool ``skip`` is
+    true, without reading it on the host: torch's fused optimizers (``_step_supports_amp_scaling``)
+    read ``found_inf`` (and ``grad_scale``) off the optimizer, the protocol GradScaler uses, and
+    skip the whole update (step counts included) when it is 1. Other optimizers are left alone:
+    under fp16 the GradScaler skips a step with non-finite gradients itself."""
+    optimizer = _unwrapped(optimizer)
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.grad_scale = None
+        optimizer.found_inf = skip.float()
+
+
+def clear_optimizer_skip(optimizer: Any) -> None:
+    """Remove what :func:`skip_optimizer_step_if` set, so the next step decides afresh."""
+    optimizer = _unwrapped(optimizer)
+    for name in ("grad_scale", "found_inf"):
+        if name in vars(optimizer):
+            delattr(optimizer, name)
+
+
+def _unwrapped(optimizer: Any) -> Any:
+    """The torch optimizer inside Lightning's ``LightningOptimizer`` (hooks get either)."""
+    return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
 
 
 def pil_point_lut(img: Any, lut: list[int]) -> Any:
@@ -52,3 +82,11 @@ def pil_point_lut(img: Any, lut: list[int]) -> Any:
     the public ``Image.point`` rounds each of the 768 entries in Python first, which costs more
     than the lookup on a small crop. Raises AttributeError when Pillow no longer has the call."""
     return img._new(img.im.point(lut, None))
+
+
+def compiled_graph_count() -> int:
+    """Graphs torch.compile has captured in this process so far (dynamo's private counters):
+    the number that regional compilation keeps independent of depth."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
