@@ -56,8 +56,8 @@ def install(when: str) -> None:
 
     save = checkpointing.RunCheckpoints.save
 
-    def save_then_fire(self: Any, trainer: pl.Trainer) -> None:
-        save(self, trainer)
+    def save_then_fire(self: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        save(self, trainer, pl_module)
         if point == "save" and trainer.global_step == k:
             fire(action)
 

@@ -7,6 +7,7 @@ mend ssl_xcit/compat.py, never the callers.
 import signal
 
 import pytorch_lightning as pl
+import pytest
 import torch
 
 from ssl_xcit import compat
@@ -32,7 +33,7 @@ class _Record(pl.Callback):
         self.seen = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.seen.append((batch_idx, compat.batches_done(trainer), compat.grad_scaler(trainer)))
+        self.seen.append((batch_idx, compat.batches_done(trainer)))
 
 
 class _Tiny(pl.LightningModule):
@@ -47,13 +48,32 @@ class _Tiny(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_batches_done_counts_the_batch_in_progress_and_no_scaler_in_fp32(tmp_path):
+def test_batches_done_counts_the_batch_in_progress(tmp_path):
     record = _Record()
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[record], default_root_dir=tmp_path, accelerator="cpu")
     trainer.fit(_Tiny(), torch.utils.data.DataLoader(torch.randn(3, 2), batch_size=1))
-    assert [(i, done) for i, done, _ in record.seen] == [(0, 1), (1, 2), (2, 3)]
-    assert all(scaler is None for _, _, scaler in record.seen)
+    assert record.seen == [(0, 1), (1, 2), (2, 3)]
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_fused_adamw_skips_its_step_on_a_device_flag(skip):
+    """torch's fused AdamW reads found_inf off the optimizer: a true flag leaves weights, moments
+    and step counts as they were; a false one steps as usual."""
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+    optimizer = torch.optim.AdamW(params, lr=0.1, weight_decay=0.5, fused=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    before = [p.detach().clone() for p in params]
+    state = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in params]
+    compat.skip_optimizer_step_if(optimizer, torch.tensor(skip))
+    optimizer.step()
+    compat.clear_optimizer_skip(optimizer)
+    assert not hasattr(optimizer, "found_inf")
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, params))
+    unchanged_state = all(torch.equal(s[k], optimizer.state[p][k]) for s, p in zip(state, params) for k in s)
+    assert unchanged == unchanged_state == skip
 
 
 def test_pil_point_lut_is_pillows_own_point():

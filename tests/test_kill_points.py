@@ -88,12 +88,12 @@ def test_killed_at_any_point_resumes_bit_identical(uninterrupted, cifar_slice, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("when,stopped_at", [("term@monitor:0", 8), ("usr2@step:5", 5)])
+@pytest.mark.parametrize("when,stopped_at", [("term@monitor:0", 8), ("usr2@step:5", 6)])
 def test_signal_to_every_process_stops_cleanly_and_resumes_bit_identical(uninterrupted, cifar_slice, tmp_path,
                                                                          when, stopped_at):
     """SLURM signals the main process and its loader workers alike: the workers keep going,
-    the run stops at the next boundary (after the monitor, or after the step) with last.ckpt
-    for it, and the same command continues."""
+    the run stops at the stop controller's next decision point (after the monitor, or the next
+    logging step: every 2 steps here) with last.ckpt for it, and the same command continues."""
     args = run_args(tmp_path, cifar_slice)
     stopped = ssl_xcit(args, when)
     signum = signal.SIGTERM if when.startswith("term") else signal.SIGUSR2

@@ -3,14 +3,16 @@
 The loader never crashes on one: a worker that cannot decode image ``i`` decodes the next
 readable one instead (``i+1``, ``i+2`` ... with ``i``'s augmentation seed, so a resumed run
 draws the same replacement) and names the bad file in the batch's ``"bad"`` entry. In the
-main process, at the start of each batch, before anything of it is trained:
+main process, at the start of each batch, the rank that meets one notes it with the stop
+controller, which decides for every rank at its next decision point:
 
-- ``fail`` (default): every rank agrees to stop, ``last.ckpt`` is written for the steps
-  trained so far and the run ends with one line naming the file. Fix or remove the file
-  and run the same command again: it continues with that very batch.
+- ``fail`` (default): every rank stops there and nothing after the batch that held the file
+  is saved, so the previous ``last.ckpt`` is the restart point; the run ends with one line
+  naming the file. Fix or remove it and run the same command again.
 - ``skip``: the replacement is trained on; each bad file is written once to
-  ``<run.dir>/bad_images.txt`` and counted (``data/bad_images``); the run stops the same
-  clean way if more than ``data.max_bad_fraction`` of the dataset is unreadable.
+  ``<run.dir>/bad_images.txt`` and counted (``data/bad_images``); once more than
+  ``data.max_bad_fraction`` of the dataset is unreadable, every rank stops at the next
+  decision point with ``last.ckpt`` written there.
 """
 
 from __future__ import annotations
@@ -21,9 +23,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from ssl_xcit.errors import UserError
-from ssl_xcit.pretrain.checkpointing import RunCheckpoints
 from ssl_xcit.pretrain.module import logs_this_step
+from ssl_xcit.pretrain.stop import StopController
 
 BAD_IMAGES_FILE = "bad_images.txt"
 
@@ -37,20 +38,20 @@ def bad_paths(batch: Any) -> list[str]:
 
 
 class BadImagePolicy(pl.Callback):
-    """Acts on the batch's bad files before the batch is trained (see the module docstring).
+    """Acts on the batch's bad files before the batch is trained (see the module docstring);
+    no collective and no device read: the stop controller decides for every rank.
 
     Args:
         mode: ``fail`` or ``skip``.
         max_fraction: largest share of ``dataset_size`` that ``skip`` tolerates.
         dataset_size: images in the pretraining set.
         run_dir: where ``bad_images.txt`` goes.
-        checkpoints: the run's checkpoint writer, for the stop's ``last.ckpt``.
+        stop: the run's stop controller.
     """
 
-    def __init__(self, mode: str, max_fraction: float, dataset_size: int, run_dir: Path,
-                 checkpoints: RunCheckpoints) -> None:
+    def __init__(self, mode: str, max_fraction: float, dataset_size: int, run_dir: Path, stop: StopController) -> None:
         self.mode, self.max_fraction, self.dataset_size = mode, max_fraction, dataset_size
-        self.file, self.checkpoints = run_dir / BAD_IMAGES_FILE, checkpoints
+        self.file, self.stop = run_dir / BAD_IMAGES_FILE, stop
         self.seen: set[str] = set()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -60,18 +61,17 @@ class BadImagePolicy(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         paths = bad_paths(batch)
+        if paths and self.mode == "fail":
+            self.stop.note(trainer, "bad_image", f"data: unreadable image {paths[0]} in the batch of step "
+                                                 f"{trainer.global_step}: fix or remove it, or set data.on_bad_image skip")
         new = sorted(set(paths) - self.seen)
         if self.mode == "skip" and new:
             self._record(new)
-        # every rank takes part in each decision (one boolean all-reduce), bad files or not
-        if self.mode == "fail" and trainer.strategy.reduce_boolean_decision(bool(paths), all=False):
-            self._stop(trainer, f"unreadable image {paths[0]}" if paths else "an unreadable image on another rank",
-                       "fix or remove it, or set data.on_bad_image skip")
-        too_many = len(self.seen) > self.max_fraction * self.dataset_size
-        if self.mode == "skip" and trainer.strategy.reduce_boolean_decision(too_many, all=False):
-            self._stop(trainer, f"{len(self.seen)} of {self.dataset_size} images are unreadable (listed in "
-                                f"{self.file}), more than data.max_bad_fraction {self.max_fraction}",
-                       "fix the data, or raise data.max_bad_fraction")
+            if len(self.seen) > self.max_fraction * self.dataset_size:
+                self.stop.note(trainer, "too_many_bad_images",
+                               f"data: {len(self.seen)} of {self.dataset_size} images are unreadable (listed in "
+                               f"{self.file}), more than data.max_bad_fraction {self.max_fraction}: fix the data, "
+                               "or raise data.max_bad_fraction")
         if self.mode == "skip" and logs_this_step(trainer):
             pl_module.log("data/bad_images", float(len(self.seen)))
 
@@ -84,9 +84,3 @@ class BadImagePolicy(pl.Callback):
             os.write(fd, "".join(f"{path}\n" for path in new).encode())
         finally:
             os.close(fd)
-
-    def _stop(self, trainer: pl.Trainer, what: str, remedy: str) -> None:
-        """``last.ckpt`` of the steps trained so far (nothing of this batch), then stop."""
-        self.checkpoints.save(trainer)
-        raise UserError(f"data: {what}; {self.checkpoints.last} holds step {trainer.global_step}: {remedy}, "
-                        "then run the same command again to continue from there")

@@ -1,5 +1,6 @@
 """The run folder's checkpoints: never half-written, written at restartable points, and a
-failed write stops the run on every rank instead of leaving some of them waiting.
+failed write stops the run on every rank (through the stop controller) instead of leaving
+some of them waiting.
 
 Layout: ``checkpoints/last.ckpt`` (the restart point) and ``checkpoints/epochNNNN.ckpt``
 (a kept copy every ``run.saveckp_freq`` epochs).
@@ -14,8 +15,8 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from ssl_xcit.errors import UserError
 from ssl_xcit.files import atomic_torch_save, atomic_write
+from ssl_xcit.pretrain.stop import StopController
 
 LAST = "last.ckpt"
 
@@ -25,7 +26,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     A write that fails (disk full, permission) leaves the previous file whole and is
     recorded in :attr:`failure` instead of raised: the writing rank must still reach the
-    barrier the other ranks wait at; :class:`RunCheckpoints` then stops every rank.
+    barrier the other ranks wait at; :class:`RunCheckpoints` then notes it with the stop
+    controller, which stops every rank.
     """
 
     def __init__(self) -> None:
@@ -51,17 +53,20 @@ def kept_copy_name(epoch: int) -> str:
 
 class RunCheckpoints(pl.Callback):
     """Keeps ``last.ckpt`` current: every ``every_n_steps`` optimizer steps, after the last
-    batch of each epoch, and after the batch at which training stops; and copies it to
-    ``epochNNNN.ckpt`` after the last batch of every ``keep_every_n_epochs``-th epoch.
+    batch of each epoch and of the run, and at a stop whose state may be saved; and copies it
+    to ``epochNNNN.ckpt`` after the last batch of every ``keep_every_n_epochs``-th epoch.
 
     Every save happens in ``on_train_batch_end``, a point from which Lightning's loops
-    restart exactly (also at an epoch's last batch); :meth:`save` may also be called at
-    the start of a batch, before anything of it is trained (see
-    :class:`~ssl_xcit.pretrain.bad_images.BadImagePolicy`).
+    restart exactly (also at an epoch's last batch), after the stop controller's decision
+    for that step (so no state a stop forbids is ever saved), and is followed by another
+    decision (so a failed write stops every rank at once).
     """
 
-    def __init__(self, checkpoint_dir: Path, every_n_steps: int, keep_every_n_epochs: int = 0) -> None:
-        self.dir, self.every_n_steps, self.keep_every_n_epochs = checkpoint_dir, every_n_steps, keep_every_n_epochs
+    def __init__(self, checkpoint_dir: Path, stop: StopController, every_n_steps: int,
+                 keep_every_n_epochs: int = 0) -> None:
+        self.dir, self.stop = checkpoint_dir, stop
+        self.every_n_steps, self.keep_every_n_epochs = every_n_steps, keep_every_n_epochs
+        self.saved_step: Optional[int] = None
 
     @property
     def last(self) -> Path:
@@ -71,26 +76,25 @@ class RunCheckpoints(pl.Callback):
                            batch_idx: int) -> None:
         step = trainer.global_step
         epoch_end = batch_idx + 1 == trainer.num_training_batches
-        if (
-            (self.every_n_steps > 0 and step % self.every_n_steps == 0)
-            or epoch_end
-            or step == trainer.max_steps
-            or trainer.should_stop
-        ):
-            self.save(trainer)
+        due = (self.every_n_steps > 0 and step % self.every_n_steps == 0) or epoch_end or step == trainer.max_steps
+        if not self.stop.may_save or not (due or trainer.should_stop):
+            return
+        self.save(trainer, pl_module)
         keep = self.keep_every_n_epochs > 0 and (trainer.current_epoch + 1) % self.keep_every_n_epochs == 0
-        if epoch_end and keep:
-            self.keep_copy(trainer, self.dir / kept_copy_name(trainer.current_epoch))
+        if epoch_end and keep and self.stop.may_save:
+            self.keep_copy(trainer, pl_module, self.dir / kept_copy_name(trainer.current_epoch))
 
-    def save(self, trainer: pl.Trainer) -> None:
-        """Write ``last.ckpt`` (full state: weights, optimizer, loops, callbacks, RNG); on a
-        failed write, stop every rank with one line naming the file."""
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write ``last.ckpt`` (full state: weights, optimizer, loops, callbacks, RNG); a failed
+        write is noted and decided at once, so every rank stops naming the file."""
         io = _atomic_io(trainer)
         io.failure = None
         trainer.save_checkpoint(self.last, weights_only=False)  # rank 0 writes; every rank passes its barrier
-        _stop_on_any_failure(trainer, io.failure, self.last)
+        if io.failure is None:
+            self.saved_step = trainer.global_step
+        self._decide_on(trainer, pl_module, io.failure)
 
-    def keep_copy(self, trainer: pl.Trainer, path: Path) -> None:
+    def keep_copy(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path) -> None:
         """Copy ``last.ckpt`` to ``path`` (rank 0 writes, atomically)."""
         failure = None
         if trainer.is_global_zero:
@@ -98,14 +102,19 @@ class RunCheckpoints(pl.Callback):
                 atomic_write(path, lambda f: _copy_into(self.last, f))
             except OSError as err:
                 failure = f"could not write checkpoint {path}: {err.strerror or err}"
-        _stop_on_any_failure(trainer, failure, path)
+        self._decide_on(trainer, pl_module, failure)
 
+    def _decide_on(self, trainer: pl.Trainer, pl_module: pl.LightningModule, failure: Optional[str]) -> None:
+        if failure is not None:
+            self.stop.note(trainer, "write_failed", f"{failure} (its previous version, if any, is whole)")
+        self.stop.decide(trainer, pl_module)
 
-def _stop_on_any_failure(trainer: pl.Trainer, failure: Optional[str], path: Path) -> None:
-    """Every rank learns whether rank 0's write failed (one boolean all-reduce) and all stop."""
-    if trainer.strategy.reduce_boolean_decision(failure is not None, all=False):
-        failure = failure or f"rank 0 could not write checkpoint {path}"
-        raise UserError(f"{failure} (its previous version, if any, is whole); fix the disk and re-run to continue")
+    def describe_restart_point(self) -> str:
+        """Where a re-run continues from, in words."""
+        if self.saved_step is None and not self.last.is_file():
+            return "no checkpoint was written: a re-run starts from the beginning"
+        step = "" if self.saved_step is None else f" (step {self.saved_step})"
+        return f"{self.last}{step} is the restart point"
 
 
 def _copy_into(source: Path, f: Any) -> None:

@@ -24,21 +24,26 @@ def run_dir(parsed: Parsed[PretrainConfig]) -> Path:
 
 
 def pretrain_command(argv: Sequence[str]) -> int:
-    """Train; on SIGTERM or SIGUSR2, save ``last.ckpt`` at the next step or epoch boundary and
-    exit with 128 + the signal's number (running the same command again continues)."""
+    """Train; on SIGTERM or SIGUSR2, save ``last.ckpt`` at the next decision point (at most a
+    logging interval away) and exit with 128 + the signal's number (running the same command
+    again continues)."""
+    import signal
+
     from pytorch_lightning.utilities import rank_zero_info
 
-    from ssl_xcit.pretrain.preemption import PreemptionFlag, StopOnPreemption
+    from ssl_xcit.pretrain.preemption import PreemptionFlag
     from ssl_xcit.pretrain.run import run_pretraining
+    from ssl_xcit.pretrain.stop import StopController
 
     parsed = parse_pretrain_args(argv)
     folder = run_dir(parsed)
-    stopper = StopOnPreemption(PreemptionFlag())
-    with stopper.flag.installed():
-        last = run_pretraining(parsed.options, folder, parsed.dump(), extra_callbacks=[stopper])
-    if stopper.stopped_at_step is not None:
-        rank_zero_info(f"stopped by {stopper.flag.describe()} at step {stopper.stopped_at_step}: {last} holds it; "
+    stop = StopController(PreemptionFlag())
+    with stop.flag.installed():
+        last = run_pretraining(parsed.options, folder, parsed.dump(), stop=stop)
+    if stop.stopped_by_signal:
+        assert stop.decision is not None
+        rank_zero_info(f"{stop.decision.message} at step {stop.decision.step}: {last} holds it; "
                        "run the same command again to continue")
-        return 128 + stopper.flag.received[0]
+        return 128 + (stop.flag.received or [signal.SIGTERM])[0]
     rank_zero_info(f"run folder: {folder}\nlast checkpoint: {last}")
     return 0

@@ -158,6 +158,10 @@ class OptimConfig:
     """Epochs during which the head's last layer gets no update."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
+    decay_rule: Literal["dino", "xcit"] = "dino"
+    """Which tensors weight decay applies to. dino: DINO's rule, every tensor but biases and 1-D ones
+    (norm weights); xcit: also not cls_token, the pos_embed projection and XCA's attention temperature
+    (the backbone's no_weight_decay() set and a scale that decay would drag to flat attention)."""
 
 
 @dataclass
@@ -186,6 +190,11 @@ class TrainerConfig:
     deterministic: bool = False
     """Ask torch for deterministic kernels (slower on GPU; CPU runs resume bit-exactly either way)."""
     enable_progress_bar: bool = True
+    logger: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    """Loggers besides the CSV file that `ssl-xcit report` reads (always written: <run.dir>/logs):
+    tensorboard (<run.dir>/tensorboard), wandb (offline, <run.dir>/wandb; `wandb sync` uploads it),
+    mlflow (a file store, <run.dir>/mlruns); [] for the CSV alone. wandb and mlflow need
+    pip install -e ".[wandb]" / ".[mlflow]"."""
 
 
 @dataclass

@@ -71,7 +71,7 @@ class PretrainDataModule(pl.LightningDataModule):
         self.cfg, self.augment_cfg, self.seed = data, augment, seed
         self.dataset: Optional[MultiCropDataset] = None
         self.sampler: Optional[ResumableDistributedSampler] = None
-        self._resume_position: Optional[tuple[int, int]] = None
+        self._resume_state: Optional[dict[str, int]] = None
 
     def setup(self, stage: str) -> None:
         if self.dataset is None:
@@ -94,8 +94,9 @@ class PretrainDataModule(pl.LightningDataModule):
             self.sampler = ResumableDistributedSampler(
                 len(self.dataset), self.cfg.batch_size_per_device, world, rank, self.seed
             )
-            if self._resume_position is not None:
-                self.sampler.resume_at(*self._resume_position)
+            if self._resume_state is not None:
+                check_same_global_batch(self._resume_state, self.cfg.batch_size_per_device, world)
+                self.sampler.resume_at(self._resume_state["epoch"], self._resume_state["batches_done"])
         if self.sampler.batches_per_epoch == 0:
             raise UserError(
                 f"data: {len(self.dataset)} images make no full global batch of "
@@ -116,12 +117,37 @@ class PretrainDataModule(pl.LightningDataModule):
         )
 
     def state_dict(self) -> dict[str, int]:
-        """Where the data stream stands: the epoch and the batches it has fully trained on.
+        """Where the data stream stands: the epoch, the global batches it has fully trained on,
+        and the global batch's size and split (which a resume must keep, see
+        :func:`check_same_global_batch`).
 
         Checkpoints are written from ``on_train_batch_end`` (the batch is processed but not
         yet counted as completed) or at the epoch end, so ``processed`` is the count.
         """
-        return {"epoch": self.trainer.current_epoch, "batches_done": batches_done(self.trainer)}
+        world = self.trainer.world_size
+        return {"epoch": self.trainer.current_epoch, "batches_done": batches_done(self.trainer),
+                "global_batch_size": self.cfg.batch_size_per_device * world, "world_size": world}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume_position = (state["epoch"], state["batches_done"])
+        self._resume_state = dict(state)
+
+
+def check_same_global_batch(state: dict[str, int], batch_size_per_device: int, world_size: int) -> None:
+    """A run resumes only at the global batch it was trained with.
+
+    Its data position, schedules and learning rate are counted in global batches, and every
+    global batch is the same block of the epoch's permutation whatever the number of processes
+    that share it, so the same global batch over another number of processes continues the run
+    exactly in samples (the same images, crops and schedules; float sums in another order). A
+    different global batch would shift all three: refused, naming both sizes.
+    """
+    saved = state.get("global_batch_size")
+    now = batch_size_per_device * world_size
+    if saved is None or saved == now:
+        return
+    old_world = state.get("world_size", 1)
+    hint = (f"set --data.batch_size_per_device {saved // world_size} to keep it over {world_size} process(es)"
+            if saved % world_size == 0 else f"run on a number of processes that divides {saved}")
+    raise UserError(f"resume: last.ckpt was trained with a global batch of {saved} ({old_world} process(es) x "
+                    f"{saved // old_world}); this run's is {now} ({world_size} x {batch_size_per_device}): {hint}, "
+                    "or start a new run from it with --model.init")

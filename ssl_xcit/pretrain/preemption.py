@@ -1,16 +1,12 @@
-"""Stopping cleanly on a signal: record it, agree across ranks, stop at a restartable point.
+"""Signals that ask a run to stop: recorded by the handlers, acted on by the training loop.
 
 A cluster signals every process of a job step at any moment: SLURM sends USR2 before a
 time-out or a pre-emption and SIGTERM on ``scancel`` or its own requeue; a user sends
 SIGTERM to a local run. Acting inside a signal handler (mid-step, mid-save) would lose
-work, so the handlers here only record the signal. The training loop then stops at the
-next point from which it restarts exactly:
-
-- the end of a step: every rank agrees (one boolean all-reduce) and ``last.ckpt`` is
-  written for that step (:class:`~ssl_xcit.pretrain.checkpointing.RunCheckpoints` saves
-  when training stops);
-- the end of an epoch, after the epoch-end work (the k-NN monitor): ``last.ckpt`` already
-  holds the epoch's last step, so the run stops there instead of training one more step.
+work, so the handlers here only record the signal; the
+:class:`~ssl_xcit.pretrain.stop.StopController` reads the record at its next decision
+point, every rank agrees, and the run stops at a point from which it restarts exactly,
+with ``last.ckpt`` written for that step.
 
 Data-loader workers ignore these signals (:func:`ignore_stop_signals`): the main process
 decides when to stop, and a worker killed by SIGTERM would crash the epoch instead.
@@ -25,7 +21,6 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any, Iterator, Optional, Sequence
 
-import pytorch_lightning as pl
 
 class PreemptionFlag:
     """Signal handlers that only record which signals arrived; the training loop acts on them.
@@ -75,34 +70,6 @@ class PreemptionFlag:
     def _record(self, signum: int, frame: Optional[FrameType]) -> None:
         if signum not in self.received:
             self.received.append(signum)
-
-
-class StopOnPreemption(pl.Callback):
-    """Stops training at the first step or epoch boundary after a signal reached any rank.
-
-    Runs before the checkpoint callback, which then saves because training stops. Lightning
-    installs SIGTERM handling of its own when fitting starts (it would abort the epoch), so
-    the recording handlers are put back in front at ``on_train_start``.
-    """
-
-    def __init__(self, flag: PreemptionFlag) -> None:
-        self.flag = flag
-        self.stopped_at_step: Optional[int] = None
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.flag.install()
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        self._stop_if_signalled(trainer)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """After the epoch-end work (callbacks registered before this one, e.g. the monitor)."""
-        self._stop_if_signalled(trainer)
-
-    def _stop_if_signalled(self, trainer: pl.Trainer) -> None:
-        if self.stopped_at_step is None and trainer.strategy.reduce_boolean_decision(self.flag.raised, all=False):
-            self.stopped_at_step = trainer.global_step
-            trainer.should_stop = True
 
 
 def ignore_stop_signals(worker_id: int) -> None:

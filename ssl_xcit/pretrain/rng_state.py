@@ -14,6 +14,13 @@ import torch
 import torch.distributed as dist
 
 
+def seed_all(seed: int) -> None:
+    """Seed this process's torch (CPU and every CUDA device), NumPy and Python generators."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def capture() -> dict[str, Any]:
     """This process's torch (CPU and CUDA), NumPy and Python RNG states."""
     return {

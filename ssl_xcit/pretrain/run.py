@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.environments import ClusterEnvironment
+from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
@@ -21,6 +23,7 @@ from ssl_xcit.errors import RunStopped, UserError
 from ssl_xcit.pretrain.init_weights import init_module
 from ssl_xcit.pretrain.knn_monitor import monitor_callbacks
 from ssl_xcit.pretrain.module import DINOModule
+from ssl_xcit.pretrain.stop import StopController, StopReason
 
 
 def uses_gpu(accelerator: str) -> bool:
@@ -56,6 +59,16 @@ def sync_batchnorm(cfg: PretrainConfig) -> bool:
     return gpu and world_size(cfg) > 1
 
 
+class LoggingCadenceProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, refreshed only at the logging steps and epoch ends: its refresh
+    reads the logged values back from the device, which would make every step wait for it."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step % trainer.log_every_n_steps == 0 or batch_idx + 1 == trainer.num_training_batches:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
 def build_trainer(
     cfg: PretrainConfig,
     run_dir: Path,
@@ -64,6 +77,7 @@ def build_trainer(
 ) -> pl.Trainer:
     """The Trainer of a run; ``environment`` overrides Lightning's cluster detection."""
     t = cfg.trainer
+    bar = [LoggingCadenceProgressBar()] if t.enable_progress_bar else []
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -75,10 +89,11 @@ def build_trainer(
         max_steps=t.max_steps,
         log_every_n_steps=t.log_every_n_steps,
         deterministic=t.deterministic,
+        benchmark=True if uses_gpu(t.accelerator) and not t.deterministic else None,  # fixed crop sizes: cudnn picks once
         enable_progress_bar=t.enable_progress_bar,
         enable_checkpointing=False,  # RunCheckpoints writes every checkpoint; Lightning would add its own
         use_distributed_sampler=False,  # ours is distributed and resumable mid-epoch
-        callbacks=list(extra_callbacks or []),
+        callbacks=list(extra_callbacks or []) + bar,
         logger=[
             CSVLogger(run_dir, name="logs"),  # version_N per (re)start: never overwrites a segment
             TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False),
@@ -98,13 +113,16 @@ def resume_checkpoint(cfg: PretrainConfig, run_dir: Path) -> Optional[Path]:
     return last
 
 
-def _silence_expected_notices() -> None:
-    """Lightning notices that are false here: a mid-epoch resume is exact (the DataModule
-    restores the data position, tested bit for bit); a resumed run's folders exist already;
-    and the module, not the DataModule, is meant to finish batches on the device."""
-    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-    warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule`")
+@contextmanager
+def _expected_notices_silenced() -> Iterator[None]:
+    """Lightning notices that are false here, silenced while the run fits: a mid-epoch resume is
+    exact (the DataModule restores the data position, tested bit for bit); a resumed run's folders
+    exist already; and the module, not the DataModule, is meant to finish batches on the device."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule`")
+        yield
 
 
 def run_pretraining(
@@ -113,6 +131,7 @@ def run_pretraining(
     resolved_config: Optional[str] = None,
     extra_callbacks: Optional[list[Any]] = None,
     environment: Optional[ClusterEnvironment] = None,
+    stop: Optional[StopController] = None,
 ) -> Path:
     """Train (or continue training) into ``run_dir``; returns the final ``last.ckpt``.
 
@@ -120,7 +139,9 @@ def run_pretraining(
     ``last.ckpt`` resumes from it and ignores ``model.init``.
 
     Data and model are validated before anything is written; ``resolved_config`` (YAML)
-    is then saved as ``run_dir/config.yaml``.
+    is then saved as ``run_dir/config.yaml``. ``stop`` (default: one watching no signal)
+    decides every stop; a stop by a signal returns (``stop.decision`` says so), any other
+    stop raises with its one line.
     """
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     ckpt_path = resume_checkpoint(cfg, run_dir)
@@ -131,19 +152,31 @@ def run_pretraining(
         rank_zero_info(init_module(module, cfg.model.init, cfg.model.init_which))
     elif cfg.model.init:
         rank_zero_info(f"model.init ({cfg.model.init}) not used: the run continues from its own {ckpt_path.name}")
-    checkpoints = RunCheckpoints(run_dir / "checkpoints", cfg.run.checkpoint_every_n_steps, cfg.run.saveckp_freq)
+    stop = stop or StopController()
+    stop.checkpoint_every_n_steps = cfg.run.checkpoint_every_n_steps
+    checkpoints = RunCheckpoints(run_dir / "checkpoints", stop, cfg.run.checkpoint_every_n_steps, cfg.run.saveckp_freq)
     bad_images = BadImagePolicy(cfg.data.on_bad_image, cfg.data.max_bad_fraction, len(datamodule.dataset),
-                                run_dir, checkpoints)
-    # order matters: the monitor's epoch-end work, then the stoppers' decisions, then the save they imply
-    callbacks = [bad_images] + monitor_callbacks(cfg) + list(extra_callbacks or []) + [checkpoints]
+                                run_dir, stop)
+    # order matters: the monitor's epoch-end work, then the stop decision, then the save it allows
+    callbacks = [bad_images] + monitor_callbacks(cfg) + list(extra_callbacks or []) + [stop, checkpoints]
     if resolved_config is not None and rank_zero_only.rank == 0:
         atomic_write_text(run_dir / "config.yaml", resolved_config)
     trainer = build_trainer(cfg, run_dir, callbacks, environment)
-    _silence_expected_notices()
     if ckpt_path is not None:
         rank_zero_info(f"resuming from {ckpt_path}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    last = run_dir / "checkpoints" / LAST
-    if module.stop_reason:
-        raise RunStopped(f"{module.stop_reason}; run.on_collapse is stop: {last} holds step {trainer.global_step}")
-    return last
+    with _expected_notices_silenced():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if stop.decision is not None and not stop.stopped_by_signal:
+        raise_stop(stop.decision, checkpoints.describe_restart_point(), trainer.world_size)
+    return run_dir / "checkpoints" / LAST
+
+
+def raise_stop(reason: StopReason, restart_point: str, world_size: int) -> None:
+    """The one line of a run that stopped itself (every rank raises the same)."""
+    where = f" (noted on rank {reason.rank})" if world_size > 1 else ""
+    line = f"{reason.message}{where}; {restart_point}"
+    if reason.kind.startswith("nonfinite"):
+        raise FloatingPointError(f"{line}; run.on_nonfinite is stop")
+    if reason.kind == "collapse":
+        raise RunStopped(line)
+    raise UserError(f"{line}; run the same command again to continue from there")

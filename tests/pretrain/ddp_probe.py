@@ -20,13 +20,13 @@ class DumpPerRank(pl.Callback):
         self.local_means = []
 
     def on_train_start(self, trainer, module):
-        update = module.loss_fn.update_center
+        batch_center = module.loss_fn.batch_center
 
-        def recording_update(teacher_logits):
+        def recording_batch_center(teacher_logits):
             self.local_means.append(teacher_logits.float().mean(dim=0, keepdim=True).detach().clone())
-            update(teacher_logits)
+            return batch_center(teacher_logits)
 
-        module.loss_fn.update_center = recording_update
+        module.loss_fn.batch_center = recording_batch_center
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         state = {"center": module.loss_fn.center.clone(), "teacher": module.teacher.state_dict(),

@@ -1,5 +1,5 @@
-"""Unreadable images in pretraining: ``data.on_bad_image`` fail stops before the batch and the
-fixed dataset continues exactly; skip trains on a deterministic replacement, lists the file
+"""Unreadable images in pretraining: ``data.on_bad_image`` fail stops without saving anything the
+bad batch touched and the fixed dataset continues exactly; skip trains on a deterministic replacement, lists the file
 once and resumes exactly; too many bad files stop the run."""
 
 from __future__ import annotations
@@ -57,17 +57,19 @@ def state(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
 
 
-def test_fail_stops_before_the_bad_batch_and_the_fixed_data_continue_exactly(images, tmp_path, capsys):
+def test_fail_saves_nothing_of_the_bad_batch_and_the_fixed_data_continue_exactly(images, tmp_path, capsys):
     assert main(["pretrain", *args(images, tmp_path / "reference")]) == 0
     bad = image_in_batch(images, BAD_BATCH)
     good = corrupt(bad)
     run_dir = tmp_path / "run"
-    assert main(["pretrain", *args(images, run_dir)]) == 2
+    every_2 = {"run__checkpoint_every_n_steps": "2"}  # saves at steps 2, 4 ...: the bad batch is step 3's
+    assert main(["pretrain", *args(images, run_dir, **every_2)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"unreadable image {bad}" in err and "data.on_bad_image skip" in err, err
-    assert state(run_dir)["global_step"] == BAD_BATCH  # every step before the batch, nothing of it
+    assert "(step 2) is the restart point" in err, err
+    assert state(run_dir)["global_step"] == 2  # the last save before the bad batch; nothing after it
     bad.write_bytes(good)  # the user fixes the file and runs the same command again
-    assert main(["pretrain", *args(images, run_dir)]) == 0
+    assert main(["pretrain", *args(images, run_dir, **every_2)]) == 0
     assert_same_checkpoint(state(tmp_path / "reference"), state(run_dir), STEPS)
 
 

@@ -102,9 +102,40 @@ def nan_on_call(bad_call: int):
     return loss
 
 
-def test_non_finite_loss_can_be_skipped_without_touching_weights(tmp_path, monkeypatch):
+class StateAroundSteps(pl.Callback):
+    """Every tensor of the run's state (student, teacher, center, optimizer) before and after each step."""
+
+    def __init__(self):
+        self.before, self.after = {}, {}
+
+    @staticmethod
+    def snapshot(trainer, module):
+        state = {f"module.{k}": v.detach().clone() for k, v in module.state_dict().items()}
+        optimizer = trainer.optimizers[0]
+        for i, p in enumerate(module.student.parameters()):
+            state.update({f"optimizer.{i}.{k}": v.clone() for k, v in optimizer.state.get(p, {}).items()})
+        return state
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.before[trainer.global_step] = self.snapshot(trainer, module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.after[trainer.global_step - 1] = self.snapshot(trainer, module)
+
+
+def test_a_skipped_step_changes_nothing_and_later_steps_train(tmp_path, monkeypatch):
+    """run.on_nonfinite skip: the step with the non-finite loss leaves weights, teacher, center and
+    AdamW's moments and step counts exactly as they were; the steps after it train as usual."""
     monkeypatch.setattr("ssl_xcit.pretrain.loss.dino_cross_entropy", nan_on_call(2))
-    last = run_pretraining(tiny_config(tmp_path, run__on_nonfinite="skip", trainer__max_epochs="1"), tmp_path)
+    states = StateAroundSteps()
+    cfg = tiny_config(tmp_path, run__on_nonfinite="skip", trainer__max_epochs="1", optim__lr="0.5")
+    last = run_pretraining(cfg, tmp_path, extra_callbacks=[states])
+    skipped_before, skipped_after = states.before[1], states.after[1]
+    assert skipped_before.keys() == skipped_after.keys() and any(k.startswith("optimizer.") for k in skipped_after)
+    assert all(torch.equal(skipped_before[k], skipped_after[k]) for k in skipped_before)
+    for step in (0, 2, 3):
+        changed = [k for k in states.before[step] if not torch.equal(states.before[step][k], states.after[step][k])]
+        assert "module.loss_fn.center" in changed and any(k.startswith("module.teacher.") for k in changed)
     state = torch.load(last, weights_only=True)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
@@ -123,9 +154,9 @@ def test_model_config_errors_name_the_key(tmp_path, overrides, message):
 
 
 def test_non_finite_loss_between_logging_steps_stops_before_any_checkpoint_holds_it(tmp_path, monkeypatch):
-    """The stop check reads a device-side flag (no host sync in the step) at logging steps and
-    before every save: a NaN at step 1 stops the run naming step 1, and last.ckpt keeps the
-    state of the steps before it."""
+    """The stop controller reads a device-side record (no host sync in the step) at its decision
+    points, one of them before every save: a NaN at step 1 stops the run naming step 1, and
+    last.ckpt keeps the state of the steps before it."""
     monkeypatch.setattr("ssl_xcit.pretrain.loss.dino_cross_entropy", nan_on_call(2))
     cfg = tiny_config(tmp_path, trainer__log_every_n_steps="50", run__checkpoint_every_n_steps="1")
     with pytest.raises(FloatingPointError, match="non-finite loss nan at step 1"):
@@ -148,3 +179,20 @@ def test_true_precision_gets_crops_in_the_model_dtype(tmp_path, augment_device):
     cfg = tiny_config(tmp_path, trainer__precision="bf16-true", augment__device=augment_device)
     run_pretraining(cfg, tmp_path, extra_callbacks=[Dtypes()])
     assert seen and all(dtypes == {torch.bfloat16} for dtypes in seen)
+
+
+def test_logits_reach_the_loss_in_float32_under_bf16_mixed(tmp_path, monkeypatch):
+    """The prototype logits (divided by a teacher temperature of 0.04 in the loss) must not be
+    rounded to bf16 on the way: the head's last layer runs with autocast off."""
+    import ssl_xcit.pretrain.loss as loss_module
+
+    real, seen = loss_module.dino_cross_entropy, []
+
+    def recording(student_logits, teacher_logits, *args, **kwargs):
+        seen.append((student_logits.dtype, teacher_logits.dtype, torch.is_autocast_enabled("cpu")))
+        return real(student_logits, teacher_logits, *args, **kwargs)
+
+    monkeypatch.setattr(loss_module, "dino_cross_entropy", recording)
+    run_pretraining(tiny_config(tmp_path, trainer__precision="bf16-mixed", trainer__max_steps="2"), tmp_path)
+    assert seen and all(s == t == torch.float32 for s, t, _ in seen)
+    assert all(autocast for _, _, autocast in seen), "the rest of the step did run under bf16 autocast"

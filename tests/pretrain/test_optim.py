@@ -5,7 +5,8 @@ import torch
 
 from ssl_xcit.backbones import MultiCropNet, build_backbone
 from ssl_xcit.pretrain.head import DINOHead
-from ssl_xcit.pretrain.optim import clip_gradients_per_tensor, ema_update, param_groups
+from ssl_xcit.pretrain.optim import clip_gradients_per_tensor, ema_update, gradient_norms, param_groups
+from tests.helpers import REPO
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +20,8 @@ def _names(net, group):
     return {n for n, p in net.named_parameters() if id(p) in ids}
 
 
-def test_weight_decay_rule(net):
-    decay, no_decay = param_groups(net)
+def test_xcit_weight_decay_rule(net):
+    decay, no_decay = param_groups(net, "xcit")
     decayed, free = _names(net, decay), _names(net, no_decay)
     assert decay["apply_weight_decay"] and not no_decay["apply_weight_decay"] and no_decay["weight_decay"] == 0
     assert {"backbone.cls_token", "backbone.blocks.0.attn.temperature"} <= free
@@ -33,6 +34,33 @@ def test_weight_decay_rule(net):
             "head.last_layer.parametrizations.weight.original1"} <= decayed
     assert not any(n.endswith(".bias") for n in decayed)
     assert all(p.ndim > 1 for p in decay["params"])
+
+
+def dino_get_params_groups(model):
+    """DINO's rule as its utils.get_params_groups states it: trainable parameters named *.bias or of
+    one dimension are not regularised; every other trainable tensor is."""
+    regularized, not_regularized = set(), set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (not_regularized if name.endswith(".bias") or len(param.shape) == 1 else regularized).add(name)
+    return regularized, not_regularized
+
+
+@pytest.mark.parametrize("recipe", ["imagenet_xcit_small_12_p16.yaml", "imagenet_xcit_medium_24_p8.yaml"])
+def test_imagenet_recipes_decay_exactly_what_dino_decays(recipe):
+    """On the recipe's own backbone and head shape (out_dim cut to 1,024 to stay light), tensor by tensor."""
+    from ssl_xcit.pretrain.command import parse_pretrain_args
+
+    cfg = parse_pretrain_args(["--config", str(REPO / "configs" / recipe)]).options
+    backbone = build_backbone(cfg.model.arch)
+    model = MultiCropNet(backbone, DINOHead(backbone.num_features, 1024, norm_last_layer=cfg.model.norm_last_layer))
+    decay, no_decay = param_groups(model, cfg.optim.decay_rule)
+    regularized, not_regularized = dino_get_params_groups(model)
+    assert cfg.optim.decay_rule == "dino"
+    assert _names(model, decay) == regularized and _names(model, no_decay) == not_regularized
+    assert {"backbone.cls_token", "backbone.blocks.0.attn.temperature",
+            "backbone.pos_embed.token_projection.weight"} <= regularized
 
 
 def test_every_trainable_parameter_in_exactly_one_group(net):
@@ -49,7 +77,9 @@ def test_frozen_head_magnitude_not_in_groups(net):
 def test_per_tensor_clipping():
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
     a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.3, 0.4])  # norms 5 and 0.5
-    clip_gradients_per_tensor([a, b], max_norm=1.0)
+    norms = gradient_norms([a, b])
+    assert torch.allclose(norms, torch.tensor([5.0, 0.5]))
+    clip_gradients_per_tensor([a, b], 1.0, norms)
     assert torch.allclose(a.grad, torch.tensor([0.6, 0.8, 0.0]), atol=1e-6)
     assert torch.allclose(b.grad, torch.tensor([0.3, 0.4]))
 
@@ -65,3 +95,24 @@ def test_ema_formula_and_momentum_one_is_a_no_op(net):
     ema_update(list(teacher.parameters()), list(net.parameters()), momentum=0.75)
     for t0, t1, s in zip(before, teacher.parameters(), net.parameters()):
         assert torch.allclose(t1, 0.75 * t0 + 0.25 * s)
+
+
+def test_ema_with_a_skip_flag_moves_only_when_the_flag_is_false(net):
+    teacher = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in teacher.parameters()]
+    ema_update(list(teacher.parameters()), list(net.parameters()), 0.75, skip=torch.tensor(True))
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+    ema_update(list(teacher.parameters()), list(net.parameters()), 0.75, skip=torch.tensor(False))
+    for t0, t1, s in zip(before, teacher.parameters(), net.parameters()):
+        assert torch.allclose(t1, 0.75 * t0 + 0.25 * s)
+
+
+def test_gradient_norms_flag_a_non_finite_gradient():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    a.grad, b.grad = torch.tensor([1.0, 1.0]), torch.tensor([float("nan"), 0.0])
+    assert not gradient_norms([a, b]).isfinite().all()
+    b.grad = torch.tensor([float("inf"), 0.0])
+    assert not gradient_norms([a, b]).isfinite().all()

@@ -12,8 +12,9 @@ import torch
 from tests.helpers import tiny_pretrain_args
 from ssl_xcit.cli import main
 from ssl_xcit.pretrain.command import parse_pretrain_args
-from ssl_xcit.pretrain.preemption import PreemptionFlag, StopOnPreemption
+from ssl_xcit.pretrain.preemption import PreemptionFlag
 from ssl_xcit.pretrain.run import run_pretraining
+from ssl_xcit.pretrain.stop import StopController
 
 TOTAL = 12  # 64 images / batch 8 = 8 steps per epoch: the run crosses an epoch boundary
 
@@ -66,18 +67,21 @@ def uninterrupted_on_device(tmp_path_factory) -> dict:
 
 
 def interrupt_and_resume(tmp_path: Path, k: int, workers: str, augment_device: str = "workers") -> dict:
+    """A signal during step k stops the run at the next decision point: the next logging step
+    (every 2 steps in these runs), which is also where the epoch ends (8 steps)."""
     flag = PreemptionFlag(signal.SIGUSR2)
     flag.install()
     try:
-        stopper = StopOnPreemption(flag)
+        stop = StopController(flag)
         run_pretraining(config(tmp_path, workers, augment_device), tmp_path,
-                        extra_callbacks=[SignalAtStep(k, signal.SIGUSR2), stopper])
+                        extra_callbacks=[SignalAtStep(k, signal.SIGUSR2)], stop=stop)
     finally:
         signal.signal(signal.SIGUSR2, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    assert stopper.stopped_at_step == k and flag.requeue
+    stopped_at = k + k % 2
+    assert stop.stopped_by_signal and stop.decision.step == stopped_at and flag.requeue
     interrupted = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert interrupted["global_step"] == k
+    assert interrupted["global_step"] == stopped_at
     run_pretraining(config(tmp_path, workers, augment_device), tmp_path)  # the requeued job: same command
     return final_state(tmp_path)
 
