@@ -2,13 +2,18 @@
 
 Exactly one component owns requeueing: submitit. Its own USR2 handler would checkpoint
 and requeue from inside the signal handler, in the middle of a training step. So the job
-puts a handler in front that only raises a flag. At the next step boundary every rank
-agrees on the flag (one boolean all-reduce), ``last.ckpt`` is written atomically
-(:class:`~ssl_xcit.pretrain.checkpointing.LastCheckpoint` saves when training stops), and rank 0
-hands over to submitit's handler. That handler calls :meth:`PretrainJob.checkpoint`,
-pickles the resubmission and requeues the job (``scontrol requeue``). The requeued job
-resumes from ``last.ckpt`` exactly. Lightning's own SLURM requeue is never installed:
-the job runs under Lightning's plain environment, fed by submitit's.
+puts a handler in front that only raises a flag. At the stop controller's next decision
+point every rank agrees (:mod:`ssl_xcit.pretrain.stop`), ``last.ckpt`` is written
+atomically, and rank 0 hands over to submitit's handler. That handler calls
+:meth:`PretrainJob.checkpoint`, pickles the resubmission and requeues the job (``scontrol
+requeue``). The requeued job resumes from ``last.ckpt`` exactly. Lightning's own SLURM
+requeue is never installed: the job runs under Lightning's plain environment, fed by
+submitit's.
+
+Time-outs and pre-emptions both arrive as USR2; submitit tells them apart by the time the
+job has run, and counts time-outs against its own ``max_num_timeout``, which ``submit``
+sets to ``max_requeues``. This job counts both against ``max_requeues`` and says in
+``job.log`` which one each stop was.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ import submitit
 from lightning_fabric.plugins.environments import LightningEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 
-from ssl_xcit.compat import submitit_requeue_signal
+from ssl_xcit.compat import submitit_requeue_signal, submitit_timed_out
 from ssl_xcit.pretrain.command import parse_pretrain_args, run_dir as run_dir_of
-from ssl_xcit.pretrain.preemption import PreemptionFlag, StopOnPreemption
+from ssl_xcit.pretrain.preemption import PreemptionFlag
+from ssl_xcit.pretrain.stop import StopController
 
 DEFAULT_MAX_REQUEUES = 20
 
@@ -53,12 +59,13 @@ class PretrainJob(submitit.helpers.Checkpointable):
     """``ssl-xcit pretrain ARGV`` as a checkpointable submitit job.
 
     Args:
-        max_requeues: pre-emptions/time-outs after which the job is not requeued again.
+        max_requeues: time-outs and pre-emptions (together) after which the job is not requeued again.
         requeues: how many times this job has been requeued already.
+        timeouts: how many of those were time-outs (the rest were pre-emptions).
     """
 
-    def __init__(self, max_requeues: int = DEFAULT_MAX_REQUEUES, requeues: int = 0) -> None:
-        self.max_requeues, self.requeues = max_requeues, requeues
+    def __init__(self, max_requeues: int = DEFAULT_MAX_REQUEUES, requeues: int = 0, timeouts: int = 0) -> None:
+        self.max_requeues, self.requeues, self.timeouts = max_requeues, requeues, timeouts
 
     def __call__(self, argv: Sequence[str]) -> str:
         from ssl_xcit.pretrain.run import run_pretraining
@@ -69,21 +76,32 @@ class PretrainJob(submitit.helpers.Checkpointable):
         parsed = parse_pretrain_args(argv)
         cfg, run_dir = parsed.options, run_dir_of(parsed)
         if env.global_rank == 0:
-            log_line(run_dir, f"job {env.job_id} start (requeue {self.requeues} of at most {self.max_requeues}), "
+            log_line(run_dir, f"job {env.job_id} start (requeue {self.requeues} of at most {self.max_requeues}: "
+                              f"{self.timeouts} time-out(s), {self.requeues - self.timeouts} pre-emption(s) so far), "
                               f"{env.num_tasks} task(s) on {env.num_nodes} node(s)")
-        stopper = StopOnPreemption(flag)
-        last = run_pretraining(cfg, run_dir, parsed.dump(), extra_callbacks=[stopper],
-                               environment=LightningEnvironment())
-        if stopper.stopped_at_step is None:
+        stop = StopController(flag)
+        last = run_pretraining(cfg, run_dir, parsed.dump(), environment=LightningEnvironment(), stop=stop)
+        if not stop.stopped_by_signal:
             if env.global_rank == 0:
                 log_line(run_dir, f"job {env.job_id} finished: {last}")
             return str(last)
-        what = "pre-empted" if flag.requeue else "stopped by SIGTERM"
+        assert stop.decision is not None
+        what = self._what_stopped(flag)
         if env.global_rank == 0:
-            log_line(run_dir, f"job {env.job_id} {what}: checkpoint at step {stopper.stopped_at_step} in {last}")
+            log_line(run_dir, f"job {env.job_id} {what}: checkpoint at step {stop.decision.step} in {last}")
             if flag.requeue:
                 self._hand_over_to_submitit(flag)
-        return f"{what} at step {stopper.stopped_at_step}"
+        return f"{what} at step {stop.decision.step}"
+
+    def _what_stopped(self, flag: PreemptionFlag) -> str:
+        """'timed out', 'pre-empted' (both requeue) or 'stopped by SIGTERM' (no requeue), as submitit
+        will count it."""
+        if not flag.requeue:
+            return "stopped by SIGTERM"
+        if submitit_timed_out(flag.replaced[flag.requeue_signal]):
+            self.timeouts += 1
+            return f"timed out (time-out {self.timeouts})"
+        return "pre-empted"
 
     @staticmethod
     def _hand_over_to_submitit(flag: PreemptionFlag) -> None:
@@ -96,4 +114,5 @@ class PretrainJob(submitit.helpers.Checkpointable):
         """The resubmission: the same command, which resumes from ``last.ckpt`` (already saved)."""
         if self.requeues >= self.max_requeues:
             return None  # submitit then ends the job with "checkpoint function returned None"
-        return submitit.helpers.DelayedSubmission(PretrainJob(self.max_requeues, self.requeues + 1), list(argv))
+        return submitit.helpers.DelayedSubmission(PretrainJob(self.max_requeues, self.requeues + 1, self.timeouts),
+                                                  list(argv))

@@ -58,7 +58,8 @@ class SubmitOptions:
     signal_delay_s: int = 120
     """Seconds before the time limit at which SLURM signals the job to checkpoint."""
     max_requeues: int = DEFAULT_MAX_REQUEUES
-    """Pre-emptions/time-outs after which the job is not requeued again."""
+    """Time-outs and pre-emptions (together) after which the job is not requeued again; job.log
+    says which one each was."""
     dry_run: bool = False
     """Validate, print the SLURM script and submit nothing (needs no SLURM on this machine)."""
     wait: bool = False
@@ -102,7 +103,8 @@ def cluster_overrides(opts: SubmitOptions) -> list[str]:
     per_node = opts.gpus_per_node if gpu else (opts.tasks_per_node or 1)
     processes = per_node * opts.nodes
     return ["--trainer.accelerator", "gpu" if gpu else "cpu", "--trainer.devices", str(per_node),
-            "--trainer.num_nodes", str(opts.nodes), "--trainer.strategy", "ddp" if processes > 1 else "auto"]
+            "--trainer.num_nodes", str(opts.nodes), "--trainer.strategy", "ddp" if processes > 1 else "auto",
+            "--trainer.enable_progress_bar", "false"]  # a job's log is a file: the logged lines say it all
 
 
 def sweep_argvs(base: list[str], sweeps: list[str]) -> list[list[str]]:
@@ -117,10 +119,10 @@ def sweep_argvs(base: list[str], sweeps: list[str]) -> list[list[str]]:
 
 
 def validate(cfg: PretrainConfig, run_dir: Path, opts: SubmitOptions) -> list[str]:
-    """Check what can be checked before queueing; the summary lines to print."""
+    """Check what can be checked before queueing, without reading the data (no folder scan, no
+    extraction on the submitting host: the job does that); the summary lines to print."""
     from ssl_xcit.pretrain.checkpointing import last_checkpoint
     from ssl_xcit.pretrain.run import world_size
-    from ssl_xcit.image_sources import build_source
 
     if opts.nodes < 1 or opts.gpus_per_node < 0:
         raise UserError(f"--nodes must be >= 1 and --gpus-per-node >= 0 (got {opts.nodes}, {opts.gpus_per_node})")
@@ -128,23 +130,29 @@ def validate(cfg: PretrainConfig, run_dir: Path, opts: SubmitOptions) -> list[st
         raise UserError(f"--cluster: expected slurm, local or debug, got {opts.cluster}")
     if opts.gpus_per_node > 0 and opts.tasks_per_node not in (None, opts.gpus_per_node):
         raise UserError(f"--tasks-per-node {opts.tasks_per_node}: a GPU job runs one task per GPU ({opts.gpus_per_node})")
-    source = build_source(cfg.data.path, cfg.data.split, cfg.data.cache_dir, cfg.data.max_images,
-                          synthetic_size=cfg.data.synthetic_size)
+    _check_data_path(cfg.data.path)
     world = world_size(cfg)
     global_batch = world * cfg.data.batch_size_per_device
-    if len(source) < global_batch:
-        raise UserError(f"data.path: {len(source)} images make no global batch of {global_batch}")
     _check_writable(run_dir)
     last = last_checkpoint(run_dir / "checkpoints")
     if last is not None and not cfg.run.resume:
         raise UserError(f"run.dir: {run_dir} already holds {last.name}; pass --run.resume true or another --run.dir")
     return [
-        f"data: {cfg.data.path} ({len(source)} images)",
+        f"data: {cfg.data.path}" + (f" (split {cfg.data.split})" if cfg.data.split else ""),
         f"world size {world} ({opts.nodes} node(s) x {cfg.trainer.devices}), {cfg.data.batch_size_per_device} per "
-        f"process, global batch {global_batch}, {len(source) // global_batch} steps per epoch",
+        f"process, global batch {global_batch}",
         f"peak lr {scaled_lr(cfg.optim.lr, global_batch):.4g} (= {cfg.optim.lr} x {global_batch} / 256)",
         f"run folder {run_dir}: " + (f"resumes from {last}" if last else "new run"),
     ]
+
+
+def _check_data_path(path: Optional[str]) -> None:
+    """``data.path`` names something the job can open: a built-in source, or a path that exists
+    (from this host; the job's nodes must see the same path)."""
+    if not path:
+        raise UserError("data.path is required (an ImageFolder directory, a .tar.gz of one, cifar10 or synthetic)")
+    if path not in ("cifar10", "synthetic") and not Path(path).expanduser().exists():
+        raise UserError(f"data.path: {path} does not exist (as seen from this host)")
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -188,10 +196,12 @@ def build_executor(opts: SubmitOptions, job_dir: Path, cpus: int, array: int) ->
         if missing:
             raise UserError(f"--cluster slurm: {' and '.join(missing)} not found on PATH: this machine is no SLURM "
                             "submission host (--dry-run renders the script anywhere; --cluster local runs here)")
-        executor: submitit.Executor = submitit.SlurmExecutor(folder=folder)
+        # submitit ends a job at its max_num_timeout-th time-out (3 unless told): it must not come before ours
+        executor: submitit.Executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=opts.max_requeues)
         executor.update_parameters(**slurm_parameters(opts, cpus, array))
         return executor
-    executor = submitit.AutoExecutor(folder=folder, cluster=opts.cluster)
+    timeouts = {"local_max_num_timeout": opts.max_requeues} if opts.cluster == "local" else {}
+    executor = submitit.AutoExecutor(folder=folder, cluster=opts.cluster, **timeouts)
     params = dict(name="ssl-xcit", nodes=opts.nodes, tasks_per_node=tasks_per_node(opts), cpus_per_task=cpus,
                   timeout_min=parse_time_minutes(opts.time))
     executor.update_parameters(**params, **({"gpus_per_node": opts.gpus_per_node} if opts.gpus_per_node else {}))

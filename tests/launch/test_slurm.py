@@ -106,3 +106,66 @@ def test_requeue_during_the_monitor_resumes_and_ends_identical(slurm_cluster, tm
 def _knn_steps(run_dir: Path) -> set[int]:
     return {int(r["step"]) for p in (run_dir / "logs").glob("version_*/metrics.csv")
             for r in csv.DictReader(open(p)) if r.get("knn/top1_k5")}
+
+
+TIME_LIMIT_S, SIGNAL_DELAY_S, MAX_REQUEUES = 60, 25, 6
+
+
+def _timed_job_args(run_dir: Path, steps: int, *cluster: str) -> list[str]:
+    """The 2-task job of these tests, `steps` long (its schedules span them), checkpointing at its stops
+    and epoch ends only (later arguments override earlier ones)."""
+    return two_task_job_args(run_dir, *ON_SLURM, *cluster) + [
+        "--trainer.max_steps", str(steps), "--trainer.max_epochs", "1000", "--run.checkpoint_every_n_steps", "0"]
+
+
+def _start_time(job_id: str) -> float:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+    return time.mktime(time.strptime(out.split("StartTime=")[1].split()[0], "%Y-%m-%dT%H:%M:%S"))
+
+
+def _loss_wall_times(run_dir: Path) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {e.step: e.wall_time for e in events.Scalars("train/loss")}
+
+
+def _steps_per_segment(tmp_path: Path) -> float:
+    """Steps a time-limited segment of the job trains on this machine, from a short calibration job:
+    the window between the first step and the signal, over the time a step takes."""
+    run_dir = tmp_path / "calibration"
+    job, = submit_jobs(_timed_job_args(run_dir, 100))
+    assert results_within(job)[0].endswith("last.ckpt")
+    walls = _loss_wall_times(run_dir)
+    first, last = min(walls), max(walls)
+    per_step = (walls[last] - walls[first]) / (last - first)
+    startup = walls[first] - _start_time(job.job_id) - first * per_step
+    return (TIME_LIMIT_S - SIGNAL_DELAY_S - startup) / per_step
+
+
+@pytest.mark.timeout(1800)
+def test_time_outs_requeue_as_many_times_as_asked_and_end_identical(slurm_cluster, tmp_path):
+    """A 1-minute time limit, USR2 25 s before it, --max-requeues 6: the job times out at least 4
+    times, is requeued each time (submitit's own limit of 3 time-outs does not end it), and ends at
+    its last step with the weights of an uninterrupted job. Sized on this machine: about 5.5
+    segments' worth of steps."""
+    steps = max(20, round(5.5 * _steps_per_segment(tmp_path)))
+    run_dir = tmp_path / "timed"
+    job, = submit_jobs(_timed_job_args(run_dir, steps, "--time", "00:01:00", "--signal-delay-s", str(SIGNAL_DELAY_S),
+                                       "--max-requeues", str(MAX_REQUEUES)))
+    try:
+        result = results_within(job, timeout=1200)[0]
+    finally:
+        subprocess.run(["scancel", job.job_id], check=False, timeout=30)
+    log = (run_dir / "job.log").read_text()
+    timeouts = log.count(" timed out (time-out ")
+    assert result.endswith("last.ckpt"), (result, log)
+    assert 4 <= timeouts <= MAX_REQUEUES and log.count(" start (requeue ") == timeouts + 1, log
+    assert "pre-empted" not in log and "finished" in log.splitlines()[-1], log
+    reference, = submit_jobs(_timed_job_args(tmp_path / "reference", steps))
+    assert results_within(reference)[0].endswith("last.ckpt")
+    a = torch.load(tmp_path / "reference" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == steps
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])

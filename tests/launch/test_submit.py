@@ -25,8 +25,9 @@ def test_split_keeps_pretraining_arguments_unchanged():
 ])
 def test_lightning_settings_follow_the_allocation(nodes, gpus, tasks, want):
     args = cluster_overrides(SubmitOptions(nodes=nodes, gpus_per_node=gpus, tasks_per_node=tasks))
-    assert args[1::2] == want and args[0::2] == ["--trainer.accelerator", "--trainer.devices",
-                                                  "--trainer.num_nodes", "--trainer.strategy"]
+    assert args[1::2] == want + ["false"] and args[0::2] == ["--trainer.accelerator", "--trainer.devices",
+                                                            "--trainer.num_nodes", "--trainer.strategy",
+                                                            "--trainer.enable_progress_bar"]
 
 
 def test_time_limits():
@@ -49,7 +50,7 @@ def test_dry_run_prints_the_validated_slurm_script(cifar_slice, tmp_path, capsys
     out = capsys.readouterr().out
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --account=vision", "#SBATCH --time=720",
-                 "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "300 images", "world size 16", "global batch 64",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "world size 16", "global batch 64",
                  "peak lr 0.000125 (= 0.0005 x 64 / 256)", "new run"):
         assert line in out, line
     assert not run_dir.exists(), "a dry run writes nothing"
@@ -59,7 +60,6 @@ def test_dry_run_prints_the_validated_slurm_script(cifar_slice, tmp_path, capsys
     (["--data.path", "/no/such/data"], "data.path: /no/such/data does not exist"),
     (["--time", "soon"], "--time: expected HH:MM:SS"),
     (["--gpus-per-node", "4", "--tasks-per-node", "2"], "a GPU job runs one task per GPU"),
-    (["--data.batch_size_per_device", "64"], "300 images make no global batch of 1024"),
     (["--nodes", "two"], 'Parser key "nodes"'),
 ])
 def test_dry_run_errors_name_the_field(cifar_slice, tmp_path, capsys, extra, message):
@@ -67,6 +67,36 @@ def test_dry_run_errors_name_the_field(cifar_slice, tmp_path, capsys, extra, mes
     assert main(["submit", *args, "--nodes", "2", "--gpus-per-node", "8", "--dry-run", *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_dry_run_touches_no_data(cifar_slice_archive, tmp_path, capsys, monkeypatch):
+    """No archive extracted and no folder scanned on the submitting host: the job does that."""
+    import ssl_xcit.image_sources as sources
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dry run read the data")
+
+    monkeypatch.setattr(sources, "build_source", refuse)
+    monkeypatch.setattr(sources, "extract_archive", refuse)
+    cache = tmp_path / "cache"
+    args = tiny_pretrain_args(str(cifar_slice_archive), tmp_path / "run", data__cache_dir=str(cache))
+    assert main(["submit", *args, "--nodes", "2", "--gpus-per-node", "8", "--dry-run"]) == 0
+    assert str(cifar_slice_archive) in capsys.readouterr().out
+    assert not cache.exists()
+
+
+def test_slurm_executor_allows_as_many_time_outs_as_requeues(tmp_path, monkeypatch):
+    """submitit's own limit on time-outs (3 unless told) is set to --max-requeues."""
+    from ssl_xcit.launch.submit import build_executor
+
+    for tool in ("sbatch", "srun"):  # a submission host in name only: nothing is submitted here
+        (tmp_path / tool).write_text("#!/bin/sh\nexit 0\n")
+        (tmp_path / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    executor = build_executor(SubmitOptions(max_requeues=9), tmp_path / "jobs", cpus=1, array=1)
+    assert executor.max_num_timeout == 9
+    local = build_executor(SubmitOptions(cluster="local", max_requeues=7), tmp_path / "jobs", cpus=1, array=1)
+    assert local._executor.max_num_timeout == 7
 
 
 def test_dry_run_reports_the_checkpoint_it_would_resume(tiny_checkpoint, capsys):
@@ -93,8 +123,9 @@ def test_requeues_are_bounded():
     from ssl_xcit.launch.job import PretrainJob
 
     argv = ["--data.path", "synthetic"]
-    again = PretrainJob(max_requeues=2, requeues=1).checkpoint(argv)
+    again = PretrainJob(max_requeues=2, requeues=1, timeouts=1).checkpoint(argv)
     assert again is not None and again.function.requeues == 2 and again.args == (argv,)
+    assert again.function.timeouts == 1
     assert PretrainJob(max_requeues=2, requeues=2).checkpoint(argv) is None
 
 
