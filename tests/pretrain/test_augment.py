@@ -16,6 +16,10 @@ from ssl_xcit.pretrain.config import AugmentConfig
 SMALL = dict(global_crops_size=32, local_crops_size=16, local_crops_number=6)
 GEOMETRY_ONLY = dict(color_jitter_p=0, grayscale_p=0, blur_p_global1=0, blur_p_global2=0, blur_p_local=0,
                      solarize_p_global2=0)  # crop, resize and flip alone
+EVERY_OP = dict(global_crops_size=32, local_crops_size=16, local_crops_number=3, color_jitter_p=0.9, grayscale_p=0.3,
+                blur_p_global2=0.5, solarize_p_global2=0.5)
+# Tensor methods that copy a value to the host (a host sync when the tensor is on a GPU)
+HOST_READS = ("nonzero", "tolist", "item", "__bool__", "__int__", "__float__", "cpu", "numpy")
 
 
 def _image(size=48, channels=3, seed=0):
@@ -239,18 +243,29 @@ def test_on_device_path_on_cuda_equals_worker_path_on_cpu():
             torch.testing.assert_close(device[j][i], crop, rtol=0, atol=1e-4, msg=f"sample {i} crop {j}")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_device_path_on_cuda_makes_no_host_sync():
+    """torch's sync debug mode raises on any operation that waits for the GPU; the first call
+    makes the per-device constants (their one copy), the second must not wait."""
+    aug = MultiCropAugmentation(AugmentConfig(**EVERY_OP))
+    batch = default_collate([aug.geometric(_image(48, seed=s), s) for s in range(8)])
+    batch = {"crops": [c.cuda() for c in batch["crops"]], "params": batch["params"].cuda()}
+    color_on_device(batch, aug.cfg)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        color_on_device(batch, aug.cfg)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def test_on_device_path_equals_worker_path_with_dino_parameters():
     aug = MultiCropAugmentation(AugmentConfig(global_crops_size=48, local_crops_size=24, local_crops_number=3))
     samples = [(_image(64, seed=s), s) for s in range(16)]
     device = _on_device(aug, samples)
     for i, (image, seed) in enumerate(samples):
         assert all(torch.equal(c, device[j][i]) for j, c in enumerate(aug(image, seed)))
-
-
-# Tensor methods that copy a value to the host (a host sync when the tensor is on a GPU)
-HOST_READS = ("nonzero", "tolist", "item", "__bool__", "__int__", "__float__", "cpu", "numpy")
-EVERY_OP = dict(global_crops_size=32, local_crops_size=16, local_crops_number=3, color_jitter_p=0.9, grayscale_p=0.3,
-                blur_p_global2=0.5, solarize_p_global2=0.5)
 
 
 def _refuse(name):
