@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections.abc
 import json
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Generic, NamedTuple, Optional, Sequence, TypeVar, get_args, get_origin, get_type_hints
 
@@ -71,22 +71,27 @@ def underscored(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def _field_kinds(options: type) -> dict[str, str]:
-    """'list', 'str-list' or 'bool' for the top-level fields of ``options`` that need one."""
+def _field_kinds(options: type, prefix: str = "") -> dict[str, str]:
+    """'list', 'str-list' or 'bool' for the fields of ``options`` that need one, nested sections
+    (a dataclass field) included under ``section.key``."""
     kinds = {}
+    hints = get_type_hints(options)
     for f in fields(options):
-        hint = get_type_hints(options)[f.name]
-        if hint is bool:
-            kinds[f.name] = "bool"
+        hint, key = hints[f.name], prefix + f.name
+        if is_dataclass(hint):
+            kinds.update(_field_kinds(hint, key + "."))  # type: ignore[arg-type]
+        elif hint is bool:
+            kinds[key] = "bool"
         elif get_origin(hint) in (list, tuple, collections.abc.Sequence):
-            kinds[f.name] = "str-list" if get_args(hint)[:1] == (str,) else "list"
+            kinds[key] = "str-list" if get_args(hint)[:1] == (str,) else "list"
     return kinds
 
 
 def shell_style(argv: Sequence[str], options: type) -> list[str]:
-    """Command-line habits made jsonargparse values: ``--dry-run`` alone → ``--dry_run true``;
-    ``--k 10 20`` → ``--k [10, 20]``; a repeated list option (``--sweep a=1,2 --sweep b=3``)
-    collects every value. Everything else passes unchanged."""
+    """Command-line habits made jsonargparse values, for top-level and ``--section.key`` options
+    alike: ``--dry-run`` alone → ``--dry_run true``; ``--k 10 20`` → ``--k [10, 20]``; a repeated
+    list option (``--sweep a=1,2 --sweep b=3``) collects every value. Everything else passes
+    unchanged."""
     kinds = _field_kinds(options)
     out: list[str] = []
     lists: dict[str, list[str]] = {}
