@@ -1,10 +1,13 @@
-"""DINO learns: a short run on real CIFAR-10 images gives teacher features whose k-NN beats
+"""DINO learns: a short run on real CIFAR-10 images gives teacher patch tokens whose k-NN beats
 randomly initialised features of the same architecture (both computed here), without collapse.
 
-The feature is the mean of the teacher's output patch tokens. In runs this short the class
-token (the DINO feature of the README's protocol) does not move past random features: the
-class-attention readout loses rank under DINO at this scale, while the patch tokens under it
-learn from the first hundreds of steps (README, "Learning you can see").
+The feature measured is the mean of the teacher's output patch tokens, not the class token the
+project's evaluation protocol reports: in a run this cheap (300 steps, 32-px crops, 4x4 tokens)
+the class token does not move past random features (the recipes' own measurements: 32-px crops
+gain +1.8 points on the class token after 400 steps, and cpu_cifar10_32px.yaml ends below random
+features on it after 4,686), while the patch tokens under the class-attention readout learn from
+the first hundreds of steps. The class token needs larger crops and longer runs (the quick start:
+64-px crops, 400 steps, +6.15 points), too slow for a test.
 
 Broken updates this must catch, each kept as a cheap test below: a teacher that never follows
 the student (``optim.momentum_teacher 1``: its k-NN stays at the floor) and no centering
@@ -86,7 +89,11 @@ def last_kl_to_uniform(run_dir: Path) -> float:
     return float(max(rows, key=lambda r: int(r["step"]))["collapse/kl_to_uniform"])
 
 
-def test_a_short_run_beats_random_features_without_collapse(cifar_learning_slice, random_floor, tmp_path):
+def test_patch_tokens_of_a_short_run_beat_random_features_without_collapse(cifar_learning_slice, random_floor,
+                                                                           tmp_path):
+    """The mean patch token (see the module docstring for why not the class token) of the
+    teacher after 300 steps beats the better of two random initialisations by MARGIN points,
+    and the teacher's batch mean stays far from one prototype."""
     checkpoint = pretrain(cifar_learning_slice, tmp_path / "run")
     learned = knn_top1(load_backbone(str(checkpoint)).model, cifar_learning_slice, tmp_path)
     kl = last_kl_to_uniform(tmp_path / "run")
