@@ -87,7 +87,8 @@ def dino_head_state(state: Tensors) -> Tensors:
     a one-layer MLP (``mlp.weight``, a bare Linear in DINO) becomes ``mlp.0.*``; a plain
     ``last_layer.weight`` is split into g = ‖w‖ per row and v = w. Our own naming passes.
     """
-    renamed = {"last_layer.weight_g": G, "last_layer.weight_v": V, "mlp.weight": "mlp.0.weight", "mlp.bias": "mlp.0.bias"}
+    renamed = {"last_layer.weight_g": G, "last_layer.weight_v": V,
+               "mlp.weight": "mlp.0.weight", "mlp.bias": "mlp.0.bias"}
     out = {renamed.get(key, key): value for key, value in state.items()}
     if "last_layer.weight" in out and G not in out and V not in out:
         weight = out.pop("last_layer.weight")

@@ -64,8 +64,8 @@ if "environ" in changed:
                           for k in set(before["environ"]) | set(after["environ"])
                           if before["environ"].get(k) != after["environ"].get(k)}
 if "warning filters" in changed:
-    changed["warning filters"] = {"added": [f for f in after["warning filters"] if f not in before["warning filters"]],
-                                  "removed": [f for f in before["warning filters"] if f not in after["warning filters"]]}
+    old, new = before["warning filters"], after["warning filters"]
+    changed["warning filters"] = {"added": [f for f in new if f not in old], "removed": [f for f in old if f not in new]}
 if docstrings_before != docstrings_after:
     changed["jsonargparse attribute docstrings"] = [docstrings_before, docstrings_after]
 print(json.dumps({"modules": len(modules), "changed": changed}, default=str))

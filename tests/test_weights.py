@@ -58,8 +58,8 @@ def assert_lands_whole_or_split(official: dict, ours: dict) -> None:
         row, parts = 0, []
         while not parts or row < len(tensor):
             rest = tensor if tensor.dim() == 0 else tensor[row:]
-            found = next((name for name, t in unused.items() if t.dtype == tensor.dtype and t.shape[1:] == rest.shape[1:]
-                          and t.numel() <= rest.numel()
+            found = next((name for name, t in unused.items()
+                          if t.dtype == tensor.dtype and t.shape[1:] == rest.shape[1:] and t.numel() <= rest.numel()
                           and torch.equal(t, rest if tensor.dim() == 0 else rest[:len(t)])), None)
             assert found is not None, f"official {key} (rows from {row}) is nowhere in the model"
             parts.append(found)
@@ -67,7 +67,8 @@ def assert_lands_whole_or_split(official: dict, ours: dict) -> None:
             if tensor.dim() == 0:
                 unused.pop(found)
                 break
-        assert [order[p] for p in parts] == sorted(order[p] for p in parts), f"official {key} split out of order: {parts}"
+        positions = [order[p] for p in parts]
+        assert positions == sorted(positions), f"official {key} split out of order: {parts}"
     assert not unused, f"{len(unused)} tensors of the model come from no official key, e.g. {sorted(unused)[:3]}"
 
 
@@ -118,7 +119,8 @@ def test_a_missing_or_renamed_official_key_is_refused(official, tmp_path, key):
 def test_another_architecture_names_the_shapes(official, tmp_path):
     path = tmp_path / "nano.pth"
     torch.save(backbone_only(official["teacher"]), path)
-    with pytest.raises(UserError, match=r"wrong shapes \(checkpoint vs model\): \[cls_token \(1, 1, 128\) vs \(1, 1, 192\)"):
+    with pytest.raises(UserError,
+                       match=r"wrong shapes \(checkpoint vs model\): \[cls_token \(1, 1, 128\) vs \(1, 1, 192\)"):
         load_backbone(path, arch="xcit_tiny_12_p16_224")
 
 

@@ -26,7 +26,8 @@ def continued_args(init, cifar_slice, run_dir, **overrides):
 
 
 def knn_alone(backbone, cifar_slice, cache_dir) -> float:
-    """The monitor's protocol computed apart: eval transform, features, weighted k-NN (k=5, T=0.07)."""
+    """The monitor's protocol computed apart: eval transform, features of the train split (the bank)
+    and of the test split (the queries, as monitor.val_split test asks), weighted k-NN (k=5, T=0.07)."""
     transform = eval_transform(32, 32, IMAGENET_MEAN, IMAGENET_STD)
     train = Transformed(build_source(str(cifar_slice), "train", str(cache_dir)), transform)
     val = Transformed(build_source(str(cifar_slice), "test", str(cache_dir)), transform)

@@ -32,8 +32,10 @@ def test_csv_always_tensorboard_by_default(tmp_path):
 @pytest.mark.parametrize("name", ["wandb", "mlflow"])
 def test_a_logger_without_its_package_names_the_extra(tmp_path, monkeypatch, name):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda module, *a: None if module == name else find_spec(module, *a))
-    with pytest.raises(UserError, match=rf'^trainer.logger: {name} needs the {name} package: pip install -e "\.\[{name}\]"$'):
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda module, *a: None if module == name else find_spec(module, *a))
+    line = rf'^trainer.logger: {name} needs the {name} package: pip install -e "\.\[{name}\]"$'
+    with pytest.raises(UserError, match=line):
         build_loggers(["tensorboard", name], tmp_path)
 
 

@@ -85,7 +85,8 @@ CUT_SHORT = ("--trainer.max_steps", "7")  # a user's override: the run and its w
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe,extra", [(r, ()) for r in RECIPES] + [(REPO / "configs" / "quickstart.yaml", CUT_SHORT)],
+@pytest.mark.parametrize("recipe,extra",
+                         [(r, ()) for r in RECIPES] + [(REPO / "configs" / "quickstart.yaml", CUT_SHORT)],
                          ids=lambda x: x.stem if isinstance(x, Path) else " ".join(x) or "as written")
 def test_the_run_starts_with_dinos_rules_applied_to_the_recipe(recipe, extra, tmp_path, capsys):
     cfg = resolved(recipe, *extra)
