@@ -28,6 +28,7 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 import torch.distributed as dist
 
+from ssl_xcit.compat import batches_done
 from ssl_xcit.pretrain.preemption import PreemptionFlag
 
 # kind -> (whether the state at the stop may be saved, rank among reasons noted at the same step)
@@ -156,5 +157,14 @@ class StopController(pl.Callback):
         if found is not None:
             kind, message, step = found
             self.note(trainer, kind, message, step)
-        if self.flag is not None and self.flag.raised:
+        if self.flag is not None and self.flag.raised and not run_ends_here(trainer):
             self.note(trainer, "signal", f"stopped by {self.flag.describe()}")
+
+
+def run_ends_here(trainer: pl.Trainer) -> bool:
+    """Whether the step just finished is the run's last (max_steps, or the last batch of the last
+    epoch): a signal there needs no stop, the run ends and its last checkpoint is written anyway."""
+    if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+        return True
+    last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
+    return last_epoch and batches_done(trainer) >= trainer.num_training_batches

@@ -108,14 +108,22 @@ def _knn_steps(run_dir: Path) -> set[int]:
             for r in csv.DictReader(open(p)) if r.get("knn/top1_k5")}
 
 
-TIME_LIMIT_S, SIGNAL_DELAY_S, MAX_REQUEUES = 60, 25, 6
+# A real time limit of 2 minutes with USR2 50 s before it. slurmctld checks time limits every 30 s
+# and signals a job once its remaining time is within the delay plus that period, so the signal
+# reaches a job 40 to 70 s after it starts (with a larger delay it could come while Python is still
+# importing, before any handler exists, and kill the task). Each segment stops at the first
+# decision point after the signal: with decision points every D steps (logging every D, one long
+# epoch, no periodic checkpoint), sized so that the first comes about 92 s after the start (after
+# the latest signal, before the limit), every segment trains exactly D steps.
+TIME_LIMIT, SIGNAL_DELAY_S, MAX_REQUEUES, FIRST_DECISION_S = "00:02:00", 50, 6, 92
 
 
-def _timed_job_args(run_dir: Path, steps: int, *cluster: str) -> list[str]:
-    """The 2-task job of these tests, `steps` long (its schedules span them), checkpointing at its stops
-    and epoch ends only (later arguments override earlier ones)."""
+def _timed_job_args(run_dir: Path, steps: int, log_every: int, *cluster: str) -> list[str]:
+    """The 2-task job of these tests, `steps` long (its schedules span them) in one epoch, deciding
+    (logging) every `log_every` steps (later arguments override earlier ones)."""
     return two_task_job_args(run_dir, *ON_SLURM, *cluster) + [
-        "--trainer.max_steps", str(steps), "--trainer.max_epochs", "1000", "--run.checkpoint_every_n_steps", "0"]
+        "--trainer.max_steps", str(steps), "--trainer.max_epochs", "1", "--data.synthetic_size", str(8 * (steps + 8)),
+        "--trainer.log_every_n_steps", str(log_every), "--run.checkpoint_every_n_steps", "0"]
 
 
 def _start_time(job_id: str) -> float:
@@ -131,40 +139,43 @@ def _loss_wall_times(run_dir: Path) -> dict[int, float]:
     return {e.step: e.wall_time for e in events.Scalars("train/loss")}
 
 
-def _steps_per_segment(tmp_path: Path) -> float:
-    """Steps a time-limited segment of the job trains on this machine, from a short calibration job:
-    the window between the first step and the signal, over the time a step takes."""
+def _steps_to_first_decision(tmp_path: Path) -> int:
+    """D such that D steps end about FIRST_DECISION_S after the job starts, on this machine: from a
+    short calibration job, the seconds a step takes and the seconds before the first one."""
     run_dir = tmp_path / "calibration"
-    job, = submit_jobs(_timed_job_args(run_dir, 100))
+    job, = submit_jobs(_timed_job_args(run_dir, 100, 2))
     assert results_within(job)[0].endswith("last.ckpt")
     walls = _loss_wall_times(run_dir)
     first, last = min(walls), max(walls)
     per_step = (walls[last] - walls[first]) / (last - first)
-    startup = walls[first] - _start_time(job.job_id) - first * per_step
-    return (TIME_LIMIT_S - SIGNAL_DELAY_S - startup) / per_step
+    startup = walls[first] - _start_time(job.job_id) - (first + 1) * per_step
+    return max(10, round((FIRST_DECISION_S - startup) / per_step))
 
 
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(2400)
 def test_time_outs_requeue_as_many_times_as_asked_and_end_identical(slurm_cluster, tmp_path):
-    """A 1-minute time limit, USR2 25 s before it, --max-requeues 6: the job times out at least 4
-    times, is requeued each time (submitit's own limit of 3 time-outs does not end it), and ends at
-    its last step with the weights of an uninterrupted job. Sized on this machine: about 5.5
-    segments' worth of steps."""
-    steps = max(20, round(5.5 * _steps_per_segment(tmp_path)))
+    """A 2-minute time limit and --max-requeues 6: the job times out at least 4 times, is requeued
+    each time (submitit's own limit of 3 time-outs does not end it), stops each time at a multiple
+    of D steps, and ends at its last step with the weights of an uninterrupted job."""
+    d = _steps_to_first_decision(tmp_path)
+    steps = 4 * d + d // 2
     run_dir = tmp_path / "timed"
-    job, = submit_jobs(_timed_job_args(run_dir, steps, "--time", "00:01:00", "--signal-delay-s", str(SIGNAL_DELAY_S),
-                                       "--max-requeues", str(MAX_REQUEUES)))
+    job, = submit_jobs(_timed_job_args(run_dir, steps, d, "--time", TIME_LIMIT, "--signal-delay-s",
+                                       str(SIGNAL_DELAY_S), "--max-requeues", str(MAX_REQUEUES)))
     try:
-        result = results_within(job, timeout=1200)[0]
+        result = results_within(job, timeout=1500)[0]
     finally:
         subprocess.run(["scancel", job.job_id], check=False, timeout=30)
     log = (run_dir / "job.log").read_text()
     timeouts = log.count(" timed out (time-out ")
+    stopped_at = [int(line.split("checkpoint at step ")[1].split()[0]) for line in log.splitlines()
+                  if " timed out (time-out " in line]
     assert result.endswith("last.ckpt"), (result, log)
     assert 4 <= timeouts <= MAX_REQUEUES and log.count(" start (requeue ") == timeouts + 1, log
-    assert "pre-empted" not in log and "finished" in log.splitlines()[-1], log
-    reference, = submit_jobs(_timed_job_args(tmp_path / "reference", steps))
-    assert results_within(reference)[0].endswith("last.ckpt")
+    assert stopped_at[:4] == [d, 2 * d, 3 * d, 4 * d], (d, log)
+    assert "pre-empted" not in log and " finished: " in log.splitlines()[-1], log
+    reference, = submit_jobs(_timed_job_args(tmp_path / "reference", steps, d))
+    assert results_within(reference, timeout=900)[0].endswith("last.ckpt")
     a = torch.load(tmp_path / "reference" / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == steps
