@@ -10,8 +10,10 @@ ones), with ``--augment-device workers|train``, or through the classic PIL pipel
 A step's FLOPs are counted once on the meta device (shapes only: no memory, no time):
 teacher forward on the 2 global crops, student forward and backward on all of them (the
 loss and the optimizer are not counted). ``--warmup`` untimed steps come first, and their
-seconds are reported apart: with ``--compile`` they hold the compilation. During the timed
-steps a thread samples the resident memory of this process and of its loader workers.
+seconds are reported apart: with ``--compile`` they hold the compilation. Over the timed steps
+the wall clock gives samples/s and the process's CPU time (all its threads, not the loader
+workers') its CPU cost per sample, which other processes on a shared CPU disturb less; a
+thread samples the resident memory of this process and of its loader workers.
 ``--profile N`` then runs N more steps under torch.profiler and prints their self time per
 op family (``op_families.py``), also written as JSON.
 
@@ -156,6 +158,7 @@ class StepTimer(pl.Callback):
     def __init__(self, warmup: int, steps: int) -> None:
         self.warmup, self.steps = warmup, steps
         self.first = self.first_step_end = self.timed_start = self.timed_end = 0.0
+        self.cpu_start = self.cpu_end = 0.0  # this process's CPU seconds, all its threads
         self.rss = RssSampler()
         self.peak_gpu = 0
 
@@ -171,12 +174,12 @@ class StepTimer(pl.Callback):
         if step == 1:
             self.first_step_end = time.perf_counter()
         if step == self.warmup:
-            self.timed_start = time.perf_counter()
+            self.timed_start, self.cpu_start = time.perf_counter(), time.process_time()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             self.rss.start()
         if step == self.warmup + self.steps:
-            self.timed_end = time.perf_counter()
+            self.timed_end, self.cpu_end = time.perf_counter(), time.process_time()
             self.rss.stop()
             self.peak_gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 
@@ -322,6 +325,7 @@ def report(args: argparse.Namespace, flops: int, timer: StepTimer, precision: st
         "torch": torch.__version__, "data": args.data or "fixed uint8 crops",
         "augment_device": args.augment_device if args.data else None, "workers": args.workers,
         "samples_per_s": args.batch / step_s, "step_s": step_s, "timed_steps": args.steps,
+        "process_cpu_s_per_sample": (timer.cpu_end - timer.cpu_start) / args.steps / args.batch,
         "first_step_s": timer.first_step_end - timer.first, "warmup_steps": args.warmup, "warmup_s": warmup_s,
         "first_steps_beyond_steady_s": warmup_s - args.warmup * step_s,
         "step_tflop": flops / 1e12, "gflop_per_image": flops / args.batch / 1e9, "achieved_tflops": achieved,
@@ -337,7 +341,8 @@ def print_report(r: dict[str, Any]) -> None:
     data = r["data"] + (f" augmented on {r['augment_device']}" if r["augment_device"] else "")
     print(f"arch {r['arch']}{layout}  crops {r['crops']}  batch {r['batch']}  precision {r['precision']}  "
           f"device {r['device']}  data {data}")
-    print(f"samples/s          {r['samples_per_s']:10.2f}   ({r['timed_steps']} steps of {r['step_s']:.3f} s)")
+    print(f"samples/s          {r['samples_per_s']:10.2f}   ({r['timed_steps']} steps of {r['step_s']:.3f} s; "
+          f"{r['process_cpu_s_per_sample'] * 1e3:.1f} ms of this process's CPU time per sample)")
     print(f"first steps        {r['warmup_s']:10.2f} s ({r['warmup_steps']} steps; {r['first_steps_beyond_steady_s']:.1f} s "
           f"beyond steady steps; the first {r['first_step_s']:.1f} s)")
     print(f"step FLOPs         {r['step_tflop']:10.3f} TFLOP  ({r['gflop_per_image']:.1f} GFLOP per image)")
