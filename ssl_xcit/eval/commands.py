@@ -137,14 +137,42 @@ def _write_report(report: dict[str, Any], out: Optional[str]) -> None:
         print(f"report written to {out}")
 
 
+def _holdout_sets(opts: EvaluateOptions) -> tuple[FeatureStore, tuple[Any, Any, Any, Any]]:
+    """The training store and (bank features, labels, query features, labels): the queries are
+    ``--holdout-fraction`` of each class, the bank the rest."""
+    from ssl_xcit.eval.linear_grid import HOLDOUT_SEED, stratified_split
+
+    if opts.test or opts.test_data or opts.test_split:
+        raise UserError("--holdout-fraction classifies held-out training images: give no --test, --test-data or "
+                        "--test-split with it")
+    if not 0.0 < opts.holdout_fraction < 1.0:  # type: ignore[operator]
+        raise UserError(f"--holdout-fraction must be in (0, 1), got {opts.holdout_fraction}")
+    if opts.train:
+        train = load_feature_store(opts.train)
+    else:
+        if not (opts.checkpoint and opts.train_data):
+            raise UserError("--holdout-fraction needs --train DIR, or --checkpoint CKPT --train-data PATH")
+        key = _store_key(opts, opts.train_data, opts.train_split, opts.max_train_images, ("train",))
+        train = _load_or_export(opts, opts.train_data, opts.train_split, opts.max_train_images,
+                                Path(opts.features_dir).expanduser() / key, ("train",), "--train-data")
+    bank, held = stratified_split(train.labels, opts.holdout_fraction, HOLDOUT_SEED)  # type: ignore[arg-type]
+    if len(held) == 0:
+        raise UserError(f"--holdout-fraction {opts.holdout_fraction} holds out no image of {train.root}; raise it")
+    return train, (train.features[bank], train.labels[bank], train.features[held], train.labels[held])
+
+
 def knn_command(argv: Sequence[str]) -> int:
     from ssl_xcit.eval.knn import format_table, knn_evaluate
 
     opts: EvaluateOptions = _parse(EvaluateOptions, argv, "knn")
-    train, test = _stores(opts)
-    report = knn_evaluate(train.features, train.labels, test.features, test.labels, ks=opts.k,
-                          temperature=opts.temperature, backend=opts.backend)
-    report.update(train_store=str(train.root), test_store=str(test.root), checkpoint=train.meta.get("checkpoint"))
+    if opts.holdout_fraction is None:
+        train, test = _stores(opts)
+        arrays, queries = (train.features, train.labels, test.features, test.labels), str(test.root)
+    else:
+        train, arrays = _holdout_sets(opts)
+        queries = f"{opts.holdout_fraction} of each class of {train.root}, held out (seed 0)"
+    report = knn_evaluate(*arrays, ks=opts.k, temperature=opts.temperature, backend=opts.backend)
+    report.update(train_store=str(train.root), test_store=queries, checkpoint=train.meta.get("checkpoint"))
     print(format_table(report))
     _write_report(report, opts.out)
     return 0

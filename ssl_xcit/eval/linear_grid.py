@@ -32,6 +32,11 @@ MOMENTUM = 0.9
 _EVAL_BATCH = 4096
 
 
+HOLDOUT_SEED = 0
+"""Seed of the held-out training images that the monitor and ``knn --holdout-fraction`` classify:
+fixed, so that every run and every evaluation of a recipe classifies the same images."""
+
+
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of row indices into (train, val), taking ``val_fraction`` of each class.
 

@@ -130,6 +130,10 @@ class EvaluateOptions(ProtocolOptions, BackboneOptions):
     """Default: val or test when present."""
     max_train_images: Optional[int] = None
     max_test_images: Optional[int] = None
+    holdout_fraction: Optional[float] = None
+    """knn: classify this share of each class of the training images against the rest of them,
+    instead of a test split: for choosing settings without the test set (the images the k-NN
+    monitor holds out, at the same fraction: the same seed)."""
     features_dir: str = "~/.cache/ssl-xcit/features"
     """Where on-the-fly feature stores are kept (and resumed, and reused)."""
     out: Optional[str] = None

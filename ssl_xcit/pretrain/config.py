@@ -42,10 +42,10 @@ class ModelConfig:
     convolutions, the positional encoding's 1x1 projection and XCiT's depth-wise local patch
     interaction); same values, another layout."""
     compile: bool = False
-    """torch.compile the student's and the teacher's backbones in place. Graphs are built at the
-    first steps (one per crop resolution) and at the first k-NN monitor pass (eval mode, its
-    resolution and last partial batch), tens of seconds each on a CPU, so it pays only on long
-    runs; needs a C++ compiler on CPU."""
+    """torch.compile each transformer block of the student's and the teacher's backbones in place
+    (regional compilation: blocks of one kind share a graph, so compiling does not grow with depth).
+    Graphs are built at the first steps (per crop size, student and teacher) and at the first k-NN
+    monitor pass; needs a C++ compiler on CPU. docs/gpu_step.md has the measured costs and gains."""
     init: Optional[str] = None
     """Start student and teacher from trained weights: an official DINO full checkpoint (backbone,
     head, center), an official backbone-only or timm weights file, an ssl-xcit .ckpt or an exported

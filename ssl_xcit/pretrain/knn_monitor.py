@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, Subset
 from ssl_xcit.errors import UserError
 from ssl_xcit.eval.export import Transformed, eval_transform
 from ssl_xcit.eval.knn import knn_evaluate
-from ssl_xcit.eval.linear_grid import stratified_split
+from ssl_xcit.eval.linear_grid import HOLDOUT_SEED, stratified_split
 from ssl_xcit.eval.sharded_export import compute_features_sharded
 from ssl_xcit.image_sources import build_source, describe
 from ssl_xcit.pretrain.collapse import rankme
@@ -22,7 +22,6 @@ from ssl_xcit.pretrain.config import MonitorConfig, PretrainConfig
 from ssl_xcit.pretrain.preemption import ignore_stop_signals
 from ssl_xcit.weights import random_backbone
 
-HOLDOUT_SEED = 0  # fixed: every run of a recipe classifies the same held-out images
 BATCH_SIZE = 256
 
 
@@ -110,7 +109,9 @@ class KNNMonitor(pl.Callback):
             self._evaluate_and_log(trainer, pl_module, f"epoch {trainer.current_epoch - 1} (again, after resuming)")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._monitored(trainer.current_epoch):
+        """Not when the run is stopping (a signal's grace period is short, and the epoch may be
+        cut short): the resumed run evaluates this epoch at its start instead."""
+        if self._monitored(trainer.current_epoch) and not trainer.should_stop:
             self.last = self._evaluate_and_log(trainer, pl_module, f"epoch {trainer.current_epoch}")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -26,7 +26,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from ssl_xcit.pretrain import rng_state as rng
 from ssl_xcit.pretrain.augment import color_on_device, normalize_crops
-from ssl_xcit.backbones import MultiCropNet, build_backbone, patch_size
+from ssl_xcit.backbones import MultiCropNet, build_backbone, compile_blocks, patch_size
 from ssl_xcit.pretrain.config import PretrainConfig
 from ssl_xcit.compat import clear_optimizer_skip, skip_optimizer_step_if
 from ssl_xcit.errors import UserError
@@ -82,9 +82,9 @@ class DINOModule(pl.LightningModule):
         if cfg.model.channels_last:
             self.student.to(memory_format=torch.channels_last)
             self.teacher.to(memory_format=torch.channels_last)
-        if cfg.model.compile:  # in place: parameter names, checkpoints and the EMA are unchanged
-            self.student.backbone.compile(dynamic=False)
-            self.teacher.backbone.compile(dynamic=False)
+        if cfg.model.compile:  # each block in place: parameter names, checkpoints and the EMA are unchanged
+            compile_blocks(self.student.backbone)
+            compile_blocks(self.teacher.backbone)
         n_views = 2 + cfg.augment.local_crops_number
         self.loss_fn = DINOLoss(cfg.model.out_dim, n_views, 2, cfg.dino.student_temp, cfg.dino.center_momentum)
         self._student_params = list(self.student.parameters())

@@ -213,3 +213,33 @@ def test_the_faiss_gpu_index_goes_on_the_current_device(monkeypatch):
     assert placed == [3]
     _faiss_index(np.eye(4, dtype=np.float32), k=2, device="cpu")
     assert placed == [3]  # "cpu" keeps the index on the CPU
+
+
+def test_knn_on_held_out_training_images_classifies_them_against_the_rest(tmp_path, capsys):
+    """knn --holdout-fraction: the queries are that share of each class of the training store,
+    the bank the rest, never a test split; the figure is the brute-force k-NN of those sets."""
+    from ssl_xcit.cli import main
+    from ssl_xcit.eval.feature_store import FeatureStoreWriter
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(4), 25)
+    features = (rng.normal(size=(100, 8)) + 2.0 * np.eye(8)[labels]).astype(np.float32)
+    writer = FeatureStoreWriter(tmp_path / "train", 100, 8, {"arch": "x", "checkpoint": "c"})
+    writer.write(0, features, labels, [f"img{i}" for i in range(100)])
+    writer.finish()
+    out = tmp_path / "report.json"
+    assert main(["knn", "--train", str(tmp_path / "train"), "--holdout-fraction", "0.2", "--k", "5",
+                 "--backend", "torch", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert "held out" in report["test_store"] and report["num_test"] == 20
+    # the split's own promise, checked from the outside: 5 rows of each class held out, disjoint from the bank
+    from ssl_xcit.eval.linear_grid import stratified_split
+
+    bank, held = stratified_split(labels, 0.2, 0)
+    assert not set(bank) & set(held) and np.bincount(labels[held]).tolist() == [5, 5, 5, 5]
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    top1, _ = _brute_force(unit[bank], labels[bank], unit[held], labels[held], 5, 4, T)
+    assert report["results"][0]["top1"] == pytest.approx(100.0 * np.mean(top1))
+    assert main(["knn", "--train", str(tmp_path / "train"), "--holdout-fraction", "0.2",
+                 "--test", str(tmp_path / "train")]) == 2
+    assert "give no --test" in capsys.readouterr().err
