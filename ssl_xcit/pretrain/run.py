@@ -11,7 +11,6 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.environments import ClusterEnvironment
 from pytorch_lightning.callbacks import TQDMProgressBar
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
 from ssl_xcit.files import atomic_write_text
@@ -22,6 +21,7 @@ from ssl_xcit.pretrain.data import PretrainDataModule
 from ssl_xcit.errors import RunStopped, UserError
 from ssl_xcit.pretrain.init_weights import init_module
 from ssl_xcit.pretrain.knn_monitor import monitor_callbacks
+from ssl_xcit.pretrain.loggers import build_loggers
 from ssl_xcit.pretrain.module import DINOModule
 from ssl_xcit.pretrain.stop import StopController, StopReason
 
@@ -94,10 +94,7 @@ def build_trainer(
         enable_checkpointing=False,  # RunCheckpoints writes every checkpoint; Lightning would add its own
         use_distributed_sampler=False,  # ours is distributed and resumable mid-epoch
         callbacks=list(extra_callbacks or []) + bar,
-        logger=[
-            CSVLogger(run_dir, name="logs"),  # version_N per (re)start: never overwrites a segment
-            TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False),
-        ],
+        logger=build_loggers(t.logger, run_dir),
         plugins=[AtomicCheckpointIO()] + ([environment] if environment is not None else []),
         default_root_dir=run_dir,
     )
