@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,42 +53,56 @@ def run_fresh(model_args: list[str], mode: str, extra: list[str], timeout: float
         return json.loads(out.read_text())
 
 
-def ratios(rows: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Steady rate (and CPU time per sample, inverted: above 1 is faster) against eager, and
-    regional against whole-backbone compilation."""
-    ok = {m: r for m, r in rows.items() if "error" not in r}
+FIGURES = ("first_steps_beyond_steady_s", "samples_per_s", "process_cpu_s_per_sample")
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Each figure's median over a mode's successful runs (None when every run failed)."""
+    ok = [r for r in runs if "error" not in r]
+    return {k: statistics.median(r[k] for r in ok) for k in FIGURES} if ok else None
+
+
+def ratios(m: dict[str, dict[str, float] | None]) -> dict[str, float]:
+    """Steady rate and CPU time per sample (inverted: above 1 is faster) against eager, and
+    regional against whole-backbone compilation, on the medians."""
     out: dict[str, float] = {}
     for mode in ("backbone", "blocks"):
-        if mode in ok and "off" in ok:
-            out[f"{mode}_rate_vs_eager"] = ok[mode]["samples_per_s"] / ok["off"]["samples_per_s"]
-            out[f"{mode}_cpu_vs_eager"] = ok["off"]["process_cpu_s_per_sample"] / ok[mode]["process_cpu_s_per_sample"]
-    if "backbone" in ok and "blocks" in ok:
-        out["blocks_rate_vs_backbone"] = ok["blocks"]["samples_per_s"] / ok["backbone"]["samples_per_s"]
-        out["blocks_compile_vs_backbone"] = (ok["blocks"]["first_steps_beyond_steady_s"]
-                                             / ok["backbone"]["first_steps_beyond_steady_s"])
+        if m.get(mode) and m.get("off"):
+            out[f"{mode}_rate_vs_eager"] = m[mode]["samples_per_s"] / m["off"]["samples_per_s"]
+            out[f"{mode}_cpu_vs_eager"] = m["off"]["process_cpu_s_per_sample"] / m[mode]["process_cpu_s_per_sample"]
+    if m.get("backbone") and m.get("blocks"):
+        out["blocks_rate_vs_backbone"] = m["blocks"]["samples_per_s"] / m["backbone"]["samples_per_s"]
+        out["blocks_cpu_vs_backbone"] = m["backbone"]["process_cpu_s_per_sample"] / m["blocks"]["process_cpu_s_per_sample"]
+        out["blocks_compile_vs_backbone"] = (m["blocks"]["first_steps_beyond_steady_s"]
+                                             / m["backbone"]["first_steps_beyond_steady_s"])
     return out
 
 
-def print_table(name: str, rows: dict[str, dict[str, Any]], r: dict[str, float]) -> None:
-    print(f"\n{name}")
-    print(f"  {'compile':9s} {'cold compile s':>15s} {'samples/s':>10s} {'vs eager':>9s} {'CPU ms/sample':>14s} "
-          f"{'vs eager':>9s}")
-    for mode, row in rows.items():
-        if "error" in row:
-            print(f"  {mode:9s} failed: {row['error'].splitlines()[-1] if row['error'] else '?'}")
-            continue
-        vs, cpu_vs = r.get(f"{mode}_rate_vs_eager", 1.0), r.get(f"{mode}_cpu_vs_eager", 1.0)
-        print(f"  {mode:9s} {row['first_steps_beyond_steady_s']:15.1f} {row['samples_per_s']:10.2f} {vs:8.2f}x "
-              f"{row['process_cpu_s_per_sample'] * 1e3:14.1f} {cpu_vs:8.2f}x")
+def print_table(name: str, runs: dict[str, list[dict[str, Any]]], m: dict[str, Any], r: dict[str, float]) -> None:
+    print(f"\n{name} (each run, then the median; load = the 1-minute load average at its start)")
+    print(f"  {'compile':9s} {'cold compile s':>15s} {'samples/s':>10s} {'CPU ms/sample':>14s} {'load':>5s}")
+    for mode, rows in runs.items():
+        for row in rows:
+            if "error" in row:
+                print(f"  {mode:9s} failed: {row['error'].strip().splitlines()[-1] if row['error'].strip() else '?'}")
+                continue
+            print(f"  {mode:9s} {row['first_steps_beyond_steady_s']:15.1f} {row['samples_per_s']:10.2f} "
+                  f"{row['process_cpu_s_per_sample'] * 1e3:14.1f} {row['load']:5.1f}")
+        if m[mode]:
+            vs = (f"   vs eager: rate {r[f'{mode}_rate_vs_eager']:.2f}x, CPU time {r[f'{mode}_cpu_vs_eager']:.2f}x"
+                  if mode != "off" and f"{mode}_rate_vs_eager" in r else "")
+            print(f"  {'median':9s} {m[mode]['first_steps_beyond_steady_s']:15.1f} {m[mode]['samples_per_s']:10.2f} "
+                  f"{m[mode]['process_cpu_s_per_sample'] * 1e3:14.1f}{vs}")
     if "blocks_rate_vs_backbone" in r:
-        print(f"  regional / whole backbone: compile time {r['blocks_compile_vs_backbone']:.2f}x, "
-              f"rate {r['blocks_rate_vs_backbone']:.2f}x")
+        print(f"  regional / whole backbone: cold compile {r['blocks_compile_vs_backbone']:.2f}x, "
+              f"rate {r['blocks_rate_vs_backbone']:.2f}x, CPU time {r['blocks_cpu_vs_backbone']:.2f}x")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["quickstart", "quickstart+local"], choices=list(MODELS))
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--rounds", type=int, default=2, help="runs of each mode, in alternating order (A B C, C B A, ...)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="bf16-mixed", help="the quick start's (bf16 autocast on the CPU too)")
     p.add_argument("--warmup", type=int, default=3)
@@ -99,11 +114,16 @@ def main() -> None:
              "--steps", str(args.steps)]
     results = {}
     for name in args.models:
-        rows = {mode: run_fresh(MODELS[name], mode, extra, args.timeout) for mode in args.modes}
-        results[name] = {"runs": rows, "ratios": ratios(rows)}
-        print_table(name, rows, results[name]["ratios"])
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in args.modes}
+        for round_ in range(args.rounds):
+            for mode in args.modes[:: -1 if round_ % 2 else 1]:
+                load = os.getloadavg()[0]
+                runs[mode].append({**run_fresh(MODELS[name], mode, extra, args.timeout), "load": load})
+        m = {mode: medians(rows) for mode, rows in runs.items()}
+        results[name] = {"runs": runs, "medians": m, "ratios": ratios(m)}
+        print_table(name, runs, m, results[name]["ratios"])
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
