@@ -9,6 +9,7 @@ Defaults are DINO's ViT-S/16 recipe unless a comment says otherwise.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -243,8 +244,9 @@ class MonitorConfig:
     """Cut the bank to a fixed random subset of this many images (after the holdout)."""
     max_val_images: Optional[int] = None
     """Cut the images to classify likewise."""
-    num_workers: int = 4
-    """Data-loading processes of each rank's share of a pass (every rank computes 1/world of the features)."""
+    num_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    """Data-loading processes of each rank's share of a pass (every rank computes 1/world of the features);
+    default: 4, or the machine's cores if fewer."""
     resize: int = 256
     """Evaluation transform: resize the short side, then centre-crop."""
     crop: int = 224
