@@ -10,6 +10,8 @@ from torch import nn
 
 from ssl_xcit.errors import UserError
 
+COMPILED_VARIANTS = 16  # graphs per block class that compile_blocks lets dynamo keep (a run needs up to 10)
+
 
 def xcit_names() -> list[str]:
     """Every XCiT architecture timm registers."""
@@ -38,15 +40,21 @@ def compile_blocks(backbone: nn.Module, **options: Any) -> nn.Module:
 
     Every XCA block (``backbone.blocks``) and class-attention block (``cls_attn_blocks``)
     gets ``Module.compile(dynamic=False, **options)``. Dynamo keys its compiled code by the
-    block class's forward and guards on the block's attributes, not on which block it is, so
-    the blocks of one class share one graph per crop size, grad mode and train/eval mode:
-    the graphs, and the cold-compile time, do not grow with depth (training compiles 2
-    classes × 2 crop sizes for the student and the global size for the teacher, the k-NN
-    monitor adds its eval shapes; dynamo keeps 8 variants per class before running a block
-    eagerly). The patch embedding, positional encoding and final norm stay eager. Modules and
-    parameters are the same objects, so names, ``state_dict`` keys, checkpoints and an EMA
-    over ``parameters()`` are unchanged.
+    block class's forward and guards on the block's attributes and inputs, not on which
+    block it is, so the blocks of one class share one graph per input shape, dtype, grad
+    mode and train/eval mode: the graphs, and the cold-compile time, do not grow with depth.
+    Per class a run needs up to 10: the student at 2 crop sizes and the teacher at the
+    global size, each twice under bf16 autocast (the first XCA block gets the bf16 patch
+    embedding, the others the float32 residual stream), and the k-NN monitor's eval shapes
+    (its batch and its last one); dynamo's default of 8 is raised to
+    :data:`COMPILED_VARIANTS`, past which it would run a block eagerly. The patch embedding,
+    positional encoding and final norm stay eager. Modules and parameters are the same
+    objects, so names, ``state_dict`` keys, checkpoints and an EMA over ``parameters()`` are
+    unchanged.
     """
+    from ssl_xcit.compat import allow_compiled_variants  # here: compat imports Lightning, which timm users need not
+
+    allow_compiled_variants(COMPILED_VARIANTS)
     for block in [*backbone.blocks, *(backbone.cls_attn_blocks or [])]:
         block.compile(dynamic=False, **options)
     return backbone

@@ -90,3 +90,13 @@ def compiled_graph_count() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def allow_compiled_variants(n: int) -> None:
+    """Let torch.compile keep at least ``n`` compiled variants of one function before it runs
+    that function eagerly (dynamo's recompile limit, 8 by default; one limit for the process)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), n))

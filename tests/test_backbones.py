@@ -63,6 +63,24 @@ def test_compiled_blocks_share_one_graph_per_block_class_and_crop_size(depth):
     assert compiled_graph_count() - before == 4
 
 
+def test_compiled_blocks_keep_every_variant_a_run_needs():
+    """A run's variants under bf16 autocast: XCA blocks 2 dtypes (the first block's bf16 input,
+    the others' float32) × (student at 2 sizes + teacher + 2 eval batches) = 10, class
+    attention 5; dynamo's default limit of 8 would run the XCA blocks' tenth eagerly."""
+    torch.compiler.reset()
+    before = compiled_graph_count()
+    student = compile_blocks(build_backbone("xcit_nano_12_p8_224", depth=2), backend="eager")
+    teacher = compile_blocks(build_backbone("xcit_nano_12_p8_224", depth=2), backend="eager").requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for size in (32, 16):
+            student(torch.randn(4, 3, size, size)).float().sum().backward()
+        teacher(torch.randn(4, 3, 32, 32))
+        with torch.no_grad():
+            for batch in (4, 3):
+                teacher.eval()(torch.randn(batch, 3, 32, 32))
+    assert compiled_graph_count() - before == 15
+
+
 @pytest.mark.slow
 def test_compiled_blocks_give_eager_outputs_and_gradients_with_the_same_names():
     """Inductor's per-block code against the eager model with the same weights, at two crop
