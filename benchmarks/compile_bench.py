@@ -104,6 +104,8 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--rounds", type=int, default=2, help="runs of each mode, in alternating order (A B C, C B A, ...)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=1, help="torch's CPU threads per run (on a shared CPU one thread's "
+                   "kernels do not wait for a thread another process holds)")
     p.add_argument("--precision", default="bf16-mixed", help="the quick start's (bf16 autocast on the CPU too)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
@@ -111,7 +113,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     extra = ["--device", args.device, "--precision", args.precision, "--warmup", str(args.warmup),
-             "--steps", str(args.steps)]
+             "--steps", str(args.steps), "--threads", str(args.threads)]
     results = {}
     for name in args.models:
         runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in args.modes}

@@ -260,6 +260,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="classic: the classic PIL pipeline with DINO's parameters (augment_bench.py), in the "
                         "workers, as the reference; --data must then be an image folder")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=int, default=None, help="torch's CPU threads in the training process (default: "
+                   "torch's); one thread keeps a shared CPU's other work from stalling parallel kernels")
     p.add_argument("--channels-last", action="store_true", help="model.channels_last: true")
     p.add_argument("--compile", default="off", choices=["off", "blocks", "backbone"],
                    help="blocks: model.compile (each transformer block, ssl_xcit.backbones.compile_blocks); "
@@ -357,6 +359,8 @@ def print_report(r: dict[str, Any]) -> None:
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = build_config(args)
     flops = step_flops(cfg, args.batch)
     module = DINOModule(cfg)
