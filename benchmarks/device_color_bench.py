@@ -14,6 +14,7 @@ the figure that other processes disturb least).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -60,6 +61,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -68,9 +70,13 @@ def main() -> None:
     crops = f"2x{cfg.global_crops_size}+{cfg.local_crops_number}x{cfg.local_crops_size}"
     print(f"color_on_device, {args.batch} samples of {crops} on {args.device} ({torch.get_num_threads()} threads), "
           f"{args.repeats} calls:")
+    figures = {"batch": args.batch, "crops": crops, "device": args.device, "threads": torch.get_num_threads()}
     for clock, seconds in time_calls(batch, cfg, args.warmup, args.repeats).items():
         q1, med, q3 = statistics.quantiles([t * 1e3 for t in seconds], n=4)
+        figures[f"{clock}_ms_per_call"] = {"median": med, "quartiles": [q1, q3]}
         print(f"  {clock:4s} median {med:8.1f} ms per call (quartiles {q1:.1f}-{q3:.1f}), {med / args.batch:.2f} ms per sample")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

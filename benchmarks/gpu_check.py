@@ -12,10 +12,12 @@ c. no host sync in a quiet training step: a real short ``run_pretraining`` of a 
    ``torch.cuda.set_sync_debug_mode("error")`` over one step (``on_train_batch_start`` to
    ``on_train_batch_end``) and over a later one from the end of the step before it (its
    batch's fetch, transfer and colour on the device included); pass or the error's text;
+   then one ``color_on_device`` call on 128 samples of DINO's crops, timed;
 d. XCiT-S12/16 with DINO's crops (2×224 + 10×96, batch 128, bf16-mixed, 65,536
    prototypes, 15 loader workers) on real JPEGs (``train_throughput.py``): the classic PIL
    pipeline eager, ours eager (then a few steps under torch.profiler), ours with regional
-   compilation (its cold compile apart from its steady rate); MFU of ``--peak-tflops``;
+   compilation (its cold compile apart from its steady rate), ours with ``augment.device:
+   train``; MFU of ``--peak-tflops``;
 e. writes ``gpu_check.json`` and ``gpu_check.log`` under ``--out`` (and
    ``profile_gpu.json``) and prints a summary table.
 
@@ -85,15 +87,18 @@ class Check:
         return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p),
                 "JSONARGPARSE_DEPRECATION_WARNINGS": "off"}
 
-    def run(self, name: str, cmd: list[str], limit: float, keep: int = 20000) -> dict[str, Any]:
-        """``cmd`` in a subprocess (the repo as working folder) within ``limit`` seconds and
-        the time left; its output's tail goes to the log. Returns rc, seconds and the tail."""
+    def run(self, name: str, cmd: list[str], limit: float, env: Optional[dict[str, str]] = None,
+            keep: int = 20000) -> dict[str, Any]:
+        """``cmd`` in a subprocess (the repo as working folder, ``env`` added) within ``limit``
+        seconds and the time left; its output's tail goes to the log. Returns rc, seconds and
+        the tail."""
         limit = min(limit, self.left())
         if limit < 10:
             return {"status": "skipped: out of time budget", "rc": None}
         start = time.monotonic()
         try:
-            done = subprocess.run(cmd, cwd=REPO, env=self.env(), capture_output=True, text=True, timeout=limit)
+            done = subprocess.run(cmd, cwd=REPO, env={**self.env(), **(env or {})}, capture_output=True, text=True,
+                                  timeout=limit)
             rc, output = done.returncode, done.stdout + done.stderr
         except subprocess.TimeoutExpired as err:
             rc, output = "timeout", _text(err.stdout) + _text(err.stderr) + f"\n[timed out after {limit:.0f} s]"
@@ -137,14 +142,12 @@ def gpu_tests(check: Check) -> dict[str, Any]:
 
 # -- c. no host sync in a quiet step --------------------------------------------------------
 def sync_check(check: Check, images: Path) -> dict[str, Any]:
-    results = {}
-    for device in ("workers", "train"):
-        out = check.out / f".sync_{device}.json"
-        cmd = [sys.executable, str(Path(__file__)), "--part", "sync", "--augment-device", device,
-               "--images", str(images), "--part-json", str(out)] + ["--dry-run"] * check.dry_run
-        r = check.run(f"sync check, augment.device {device}", cmd, 150)
-        results[device] = json.loads(out.read_text()) if out.exists() else {"status": "no result", **r}
-        out.unlink(missing_ok=True)
+    """Both augment devices, one after the other in one process (one start-up)."""
+    out = check.out / ".sync.json"
+    cmd = [sys.executable, str(Path(__file__)), "--part", "sync", "--images", str(images), "--part-json", str(out)]
+    r = check.run("sync check", cmd + ["--dry-run"] * check.dry_run, 200)
+    results = json.loads(out.read_text()) if out.exists() else {"status": "no result", **r}
+    out.unlink(missing_ok=True)
     return results
 
 
@@ -231,16 +234,29 @@ def timing(check: Check, images: Path, peak_tflops: float) -> dict[str, Any]:
         "classic PIL pipeline eager": (["--augment-device", "classic"], 90),
         "ours, augment.device train, eager": (["--augment-device", "train"], 90),
     }
+    cold = {"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1", "TORCHINDUCTOR_CACHE_DIR": f"/tmp/gpu-check-inductor-{time.time()}",
+            "TRITON_CACHE_DIR": f"/tmp/gpu-check-triton-{time.time()}"}  # a cold compile, even on a warm machine
     results = {}
     for name, (extra, limit) in runs.items():
         out = check.out / ".timing.json"
         r = check.run(f"timing: {name}", [sys.executable, str(HERE / "train_throughput.py"), *common, *extra,
-                                          "--json", str(out)], limit)
+                                          "--json", str(out)], limit, env=cold)
         results[name] = json.loads(out.read_text()) if out.exists() else {"status": "no result", **r}
         out.unlink(missing_ok=True)
         check.results["timing"] = results
         check.save()  # what is measured is kept even if a later run hangs the machine
     return results
+
+
+def colour_on_device(check: Check, images: Path) -> dict[str, Any]:
+    """One ``color_on_device`` call on a batch of 128 samples of DINO's crops (2×224 + 10×96)."""
+    out = check.out / ".colour.json"
+    batch, device = ("8", "cpu") if check.dry_run else ("128", "cuda")
+    r = check.run("colour on the device", [sys.executable, str(HERE / "device_color_bench.py"), "--images", str(images),
+                                           "--batch", batch, "--device", device, "--json", str(out)], 90)
+    result = json.loads(out.read_text()) if out.exists() else {"status": "no result", **r}
+    out.unlink(missing_ok=True)
+    return result
 
 
 # -- e. summary -----------------------------------------------------------------------------
@@ -250,10 +266,17 @@ def summary(results: dict[str, Any]) -> str:
         r = results.get(name, {})
         lines.append(f"{name:10s} {r.get('status') or r.get('summary') or ('rc ' + str(r.get('rc')))}")
     for device, r in results.get("sync", {}).items():
-        lines.append(f"sync check, augment.device {device}: {r.get('status')}  {r.get('windows', '')}")
+        if isinstance(r, dict):
+            lines.append(f"sync check, augment.device {device}: {r.get('status')}  {r.get('windows', '')}")
+    colour = results.get("colour_on_device", {})
+    if "wall_ms_per_call" in colour:
+        lines.append(f"color_on_device, {colour['batch']} samples of {colour['crops']} on {colour['device']}: "
+                     f"{colour['wall_ms_per_call']['median']:.1f} ms per call (median)")
     rows = results.get("timing", {})
     if rows:
-        lines.append(f"{'XCiT-S12/16, 2x224+10x96, batch 128':38s} {'samples/s':>9s} {'compile s':>9s} "
+        first = next((r for r in rows.values() if "arch" in r), {})
+        model = f"{first.get('arch')}, {first.get('crops')}, batch {first.get('batch')}"
+        lines.append(f"{model:38s} {'samples/s':>9s} {'compile s':>9s} "
                      f"{'TFLOP/s':>8s} {'MFU':>6s} {'GPU GiB':>8s} {'RSS GiB':>8s}")
         for name, r in rows.items():
             if "samples_per_s" not in r:
@@ -276,7 +299,8 @@ def cifar_recipe(check: Check, config: Path) -> dict[str, Any]:
     cli = [sys.executable, "-m", "ssl_xcit.cli"]
     pretrain = check.run("pretrain", [*cli, "pretrain", "--config", str(config), "--run.dir", str(run_dir),
                                       "--run.resume", "false", "--data.path", str(CIFAR), "--data.cache_dir", str(cache),
-                                      "--monitor.train_path", str(CIFAR), "--trainer.enable_progress_bar", "false"], 270)
+                                      "--monitor.train_path", str(CIFAR), "--trainer.enable_progress_bar", "false"],
+                         check.left() - 150)  # the two k-NN evaluations' share kept
     result: dict[str, Any] = {"pretrain": pretrain}
     resolved = run_dir / "config.yaml"
     if not resolved.exists():
@@ -359,23 +383,26 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu-check")))
     p.add_argument("--site", type=Path, default=Path("/tmp/site"), help="where the wheels are installed")
     p.add_argument("--images", type=Path, default=IMAGES)
-    p.add_argument("--budget", type=float, default=300, help="seconds for the whole check (each part has its own "
-                   "limit within it; what does not fit is skipped and said so)")
+    p.add_argument("--budget", type=float, default=None, help="seconds for the whole check, default 360 (540 with "
+                   "--cifar-recipe); each part has its own limit within it, what does not fit is skipped and said so")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM dense bf16")
     p.add_argument("--dry-run", action="store_true", help="a tiny model, a few steps, on the CPU")
     p.add_argument("--cifar-recipe", action="store_true", help="the follow-up call: the GPU CIFAR-10 recipe")
     p.add_argument("--recipe", type=Path, default=REPO / "configs" / "gpu_cifar10.yaml", help="its config")
     p.add_argument("--prepare", action="store_true", help="here: download the wheels, make .gpu_data/")
     p.add_argument("--part", choices=["sync"], help=argparse.SUPPRESS)  # a part in its own process
-    p.add_argument("--augment-device", default="workers", help=argparse.SUPPRESS)
     p.add_argument("--part-json", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.prepare:
         return prepare()
     if args.part == "sync":
-        args.part_json.write_text(json.dumps(sync_windows_run(args.images, args.augment_device, args.dry_run)))
+        results = {}
+        for device in ("workers", "train"):
+            results[device] = sync_windows_run(args.images, device, args.dry_run)
+            args.part_json.write_text(json.dumps(results))  # what is known, should the next one hang
         return None
-    check = Check(args.out, "cifar_recipe" if args.cifar_recipe else "gpu_check", args.budget, args.site, args.dry_run)
+    budget = args.budget or (540 if args.cifar_recipe else 360)
+    check = Check(args.out, "cifar_recipe" if args.cifar_recipe else "gpu_check", budget, args.site, args.dry_run)
     check.results["install"] = install_wheels(check)
     device_facts(check)
     if args.cifar_recipe:
@@ -386,6 +413,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     check.results["gpu_tests"] = gpu_tests(check)
     check.save()
     check.results["sync"] = sync_check(check, args.images)
+    check.save()
+    check.results["colour_on_device"] = colour_on_device(check, args.images)
     check.save()
     timing(check, args.images, args.peak_tflops)
     check.save()
