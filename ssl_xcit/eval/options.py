@@ -207,8 +207,9 @@ class SegmentOptions(DenseOptions, BackboneOptions):
     """Sliding window at test time (default: --window; none: whole image)."""
     test_stride: Optional[int] = None
     """Sliding window stride at test time (default: --stride)."""
-    lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2])
-    """AdamW learning rates tried; the one with the best validation mIoU is tested."""
+    lrs: list[float] = field(default_factory=lambda: [3e-3, 1e-2, 3e-2, 1e-1, 3e-1])
+    """AdamW learning rates tried; the one with the best validation mIoU is tested (BatchNorm'd
+    features and a few hundred steps want large ones: docs/dense.md)."""
     weight_decay: float = 1e-4
     """AdamW weight decay."""
     epochs: int = 10

@@ -74,7 +74,7 @@ def draw_predictions(images: Sequence[str], masks: Sequence[np.ndarray], predict
     """One row per image: the image, its ground truth, the prediction; a colour legend below."""
     plt = pyplot("ssl-xcit segment")
     colours = palette(len(class_names))
-    fig, axes = plt.subplots(len(images), 3, figsize=(10, 2.6 * len(images) + 0.8), squeeze=False)
+    fig, axes = plt.subplots(len(images), 3, figsize=(10, 3.0 * len(images) + 1.2), squeeze=False)
     for row, (path, mask, pred) in enumerate(zip(images, masks, predictions)):
         for ax, (name, picture) in zip(axes[row], [("image", np.asarray(load_rgb(path))),
                                                    ("ground truth (black: ignored)", coloured(mask, colours)),
@@ -85,7 +85,7 @@ def draw_predictions(images: Sequence[str], masks: Sequence[np.ndarray], predict
     handles = [plt.Rectangle((0, 0), 1, 1, color=c / 255) for c in colours[:-1]]
     fig.legend(handles, class_names, loc="lower center", ncol=min(len(class_names), 6), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95), h_pad=1.5)
     atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)
     return out
@@ -123,7 +123,7 @@ def segment_command(argv: Sequence[str]) -> int:
     shown = np.linspace(0, len(sets["test"]) - 1, min(opts.show, len(sets["test"]))).round().astype(int).tolist()
     if shown:
         draw_predictions([paths["test"][i] for i in shown], [sets["test"].masks[i] for i in shown],
-                         predict(head, sets["test"], shown), class_names, f"{loaded.source}: {_summary(report)}",
+                         predict(head, sets["test"], shown), class_names, f"{loaded.source}\n{_summary(report)}",
                          out / "predictions.png")
     print(_summary(report))
     if len(opts.lrs) > 1 and report["best_lr"] in (min(opts.lrs), max(opts.lrs)):
