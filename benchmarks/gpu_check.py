@@ -230,8 +230,8 @@ def timing(check: Check, images: Path, peak_tflops: float) -> dict[str, Any]:
               "--peak-tflops", str(peak_tflops)]
     runs = {  # name: (extra arguments, time limit), the most wanted first: what the budget leaves out is last
         "ours eager": (["--augment-device", "workers", *profile], 120),
-        "ours + regional compile": (["--augment-device", "workers", "--compile", "blocks"], 240),
         "classic PIL pipeline eager": (["--augment-device", "classic"], 90),
+        "ours + regional compile": (["--augment-device", "workers", "--compile", "blocks"], 240),
         "ours, augment.device train, eager": (["--augment-device", "train"], 90),
     }
     cold = {"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1", "TORCHINDUCTOR_CACHE_DIR": f"/tmp/gpu-check-inductor-{time.time()}",
@@ -290,43 +290,86 @@ def summary(results: dict[str, Any]) -> str:
 
 
 # -- the follow-up call: the GPU CIFAR-10 recipe --------------------------------------------
+EVAL_RESERVE_S = 110  # the two k-NN evaluations and the report, kept out of the training's time
+
+
 def cifar_recipe(check: Check, config: Path) -> dict[str, Any]:
+    """The recipe as written but for its length: a 40-step probe measures this GPU's seconds per
+    step (and extracts the archive), the run gets the whole epochs that fit the time left, and a
+    USR2 before the limit stops it cleanly with its checkpoint (the schedules then end short)."""
     if not config.exists():
         return {"status": f"{config} does not exist yet: nothing run"}
     if not CIFAR.exists():
         return {"status": f"{CIFAR.relative_to(REPO)} missing: carry it"}
-    run_dir, cache = Path(f"/tmp/gpu-cifar-run-{int(time.time())}"), Path("/tmp/gpu-check-cache")  # a fresh run
+    stamp, cache = int(time.time()), Path("/tmp/gpu-check-cache")
     cli = [sys.executable, "-m", "ssl_xcit.cli"]
-    pretrain = check.run("pretrain", [*cli, "pretrain", "--config", str(config), "--run.dir", str(run_dir),
-                                      "--run.resume", "false", "--data.path", str(CIFAR), "--data.cache_dir", str(cache),
-                                      "--monitor.train_path", str(CIFAR), "--trainer.enable_progress_bar", "false"],
-                         check.left() - 150)  # the two k-NN evaluations' share kept
-    result: dict[str, Any] = {"pretrain": pretrain}
-    resolved = run_dir / "config.yaml"
-    if not resolved.exists():
-        return {**result, "status": "pretraining wrote no config.yaml"}
+    common = [*cli, "pretrain", "--config", str(config), "--run.resume", "false", "--data.path", str(CIFAR),
+              "--data.cache_dir", str(cache), "--monitor.train_path", str(CIFAR), "--trainer.enable_progress_bar",
+              "false"]
+    tiny = ["--trainer.max_steps", "6", "--trainer.log_every_n_steps", "2"] if check.dry_run else []
+    probe_dir = Path(f"/tmp/gpu-cifar-probe-{stamp}")
+    probe_steps = 6 if check.dry_run else 40
+    result: dict[str, Any] = {"probe": check.run("probe", [*common, *tiny, "--run.dir", str(probe_dir),
+                                                            "--trainer.max_steps", str(probe_steps),
+                                                            "--trainer.log_every_n_steps", "5" if not tiny else "2",
+                                                            "--monitor.every_n_epochs", "0"], 150)}
+    per_step = _seconds_per_step(probe_dir)
     import yaml
 
-    cfg = yaml.safe_load(resolved.read_text())
-    m, a = cfg["model"], cfg["augment"]
+    resolved = yaml.safe_load((probe_dir / "config.yaml").read_text()) if (probe_dir / "config.yaml").exists() else None
+    if per_step is None or resolved is None:
+        return {**result, "status": "the probe logged no steps"}
+    steps_per_epoch = (resolved["data"]["max_images"] or 50000) // resolved["data"]["batch_size_per_device"]
+    train_s = check.left() - EVAL_RESERVE_S - 45  # 45 s: the run's start-up and monitor passes
+    epochs = max(2, min(int(train_s / (per_step * steps_per_epoch)), resolved["trainer"]["max_epochs"]))
+    result.update(seconds_per_step=round(per_step, 4), steps_per_epoch=steps_per_epoch, epochs=epochs,
+                  recipe_epochs=resolved["trainer"]["max_epochs"])
+    run_dir = Path(f"/tmp/gpu-cifar-run-{stamp}")
+    limit = max(30, check.left() - EVAL_RESERVE_S)
+    guard = ["timeout", "--signal", "USR2", "--kill-after", "40", str(int(limit) - 40)]
+    result["pretrain"] = check.run("pretrain", [*guard, *common, *tiny, "--run.dir", str(run_dir),
+                                                "--trainer.max_epochs", str(epochs), "--monitor.every_n_epochs",
+                                                str(max(1, epochs // 4))], limit)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        return {**result, "status": "pretraining wrote no checkpoint"}
+    m, a = resolved["model"], resolved["augment"]
     protocol = ["--train_data", str(CIFAR), "--train_split", "train", "--test_split", "test", "--backend", "torch",
                 "--resize", str(a["global_crops_size"]), "--crop", str(a["global_crops_size"]),
                 "--mean", json.dumps(list(a["mean"])), "--std", json.dumps(list(a["std"])), "--cache_dir", str(cache),
                 "--features_dir", "/tmp/gpu-check-features", "--progress", "false"]
     protocol += (["--num_workers", "2", "--max_train_images", "1000", "--max_test_images", "500"] if check.dry_run
                  else ["--num_workers", "15"])
-    backbones = {"trained": ["--checkpoint", str(run_dir / "checkpoints" / "last.ckpt")],
+    backbones = {"trained": ["--checkpoint", str(last)],
                  "random": ["--checkpoint", "random", "--arch", m["arch"],
                             "--backbone_kwargs", json.dumps(m.get("backbone_kwargs") or {})]}
     for name, which in backbones.items():
         out = check.out / f"knn_{name}.json"
-        result[f"knn_{name}"] = check.run(f"knn {name}", [*cli, "knn", *which, *protocol, "--out", str(out)], 120)
+        result[f"knn_{name}"] = check.run(f"knn {name}", [*cli, "knn", *which, *protocol, "--out", str(out)], 50)
         if out.exists():
             result[f"knn_{name}"]["report"] = json.loads(out.read_text())
+    result["report"] = check.run("report", [*cli, "report", str(run_dir), "--out", str(check.out / "gpu_cifar10_report.png")],
+                                 30)
     for f in [run_dir / "config.yaml", *sorted(run_dir.rglob("metrics.csv"))[-1:]]:
         if f.exists():
             (check.out / f.name).write_bytes(f.read_bytes())
     return result
+
+
+def _seconds_per_step(run_dir: Path) -> Optional[float]:
+    """Seconds per optimizer step after the first logged one, from the run's TensorBoard event times."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run_dir / "tensorboard"))
+        events.Reload()
+        walls = {e.step: e.wall_time for e in events.Scalars("train/loss")}
+    except Exception:  # noqa: BLE001 - no events: the caller reports it
+        return None
+    if len(walls) < 2:
+        return None
+    first, last = min(walls), max(walls)
+    return (walls[last] - walls[first]) / (last - first)
 
 
 def cifar_summary(results: dict[str, Any]) -> str:
@@ -334,12 +377,31 @@ def cifar_summary(results: dict[str, Any]) -> str:
     lines = [f"device: {results.get('device')}  torch {results.get('torch')}",
              f"pretrain: {r.get('status') or ('rc ' + str(r.get('pretrain', {}).get('rc')))} "
              f"in {r.get('pretrain', {}).get('seconds')} s"]
+    if "epochs" in r:
+        lines.append(f"{r['epochs']} epochs of {r['steps_per_epoch']} steps at {r['seconds_per_step']} s/step "
+                     f"(probe; the recipe says {r['recipe_epochs']})")
+    lines += _curve_ends(results)
     for name in ("trained", "random"):
         report = r.get(f"knn_{name}", {}).get("report")
         top1 = {row["k"]: round(row["top1"], 2) for row in report["results"]} if report else None
         lines.append(f"k-NN top-1 % by k, {name} class token: "
                      + (str(top1) if top1 else f"no report (rc {r.get(f'knn_{name}', {}).get('rc')})"))
     return "\n".join(lines)
+
+
+def _curve_ends(results: dict[str, Any]) -> list[str]:
+    """The last logged loss and teacher entropy against log K, from the copied metrics.csv."""
+    import csv
+
+    path = Path(results.get("out", "")) / "metrics.csv"
+    if not path.exists():
+        return []
+    rows = [r for r in csv.DictReader(path.open()) if r.get("train/loss")]
+    if not rows:
+        return []
+    last = rows[-1]
+    return [f"step {last['step']}: loss {float(last['train/loss']):.3f}, teacher entropy "
+            f"{float(last['collapse/teacher_entropy']):.3f}, KL(mean || uniform) {float(last['collapse/kl_to_uniform']):.3f}"]
 
 
 # -- here, once: the wheels and the data the device machine gets ----------------------------
@@ -383,7 +445,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu-check")))
     p.add_argument("--site", type=Path, default=Path("/tmp/site"), help="where the wheels are installed")
     p.add_argument("--images", type=Path, default=IMAGES)
-    p.add_argument("--budget", type=float, default=None, help="seconds for the whole check, default 360 (540 with "
+    p.add_argument("--budget", type=float, default=None, help="seconds for the whole check, default 350 (320 with "
                    "--cifar-recipe); each part has its own limit within it, what does not fit is skipped and said so")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM dense bf16")
     p.add_argument("--dry-run", action="store_true", help="a tiny model, a few steps, on the CPU")
@@ -401,8 +463,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             results[device] = sync_windows_run(args.images, device, args.dry_run)
             args.part_json.write_text(json.dumps(results))  # what is known, should the next one hang
         return None
-    budget = args.budget or (540 if args.cifar_recipe else 360)
+    budget = args.budget or (320 if args.cifar_recipe else 350)
     check = Check(args.out, "cifar_recipe" if args.cifar_recipe else "gpu_check", budget, args.site, args.dry_run)
+    check.results["out"] = str(args.out)
     check.results["install"] = install_wheels(check)
     device_facts(check)
     if args.cifar_recipe:
