@@ -3,11 +3,9 @@ randomly initialised features of the same architecture (both computed here), wit
 
 The feature measured is the mean of the teacher's output patch tokens, not the class token the
 project's evaluation protocol reports: in a run this cheap (300 steps, 32-px crops, 4x4 tokens)
-the class token does not move past random features (the recipes' own measurements: 32-px crops
-gain +1.8 points on the class token after 400 steps, and cpu_cifar10_32px.yaml ends below random
-features on it after 4,686), while the patch tokens under the class-attention readout learn from
-the first hundreds of steps. The class token needs larger crops and longer runs (the quick start:
-64-px crops, 400 steps, +6.15 points), too slow for a test.
+the class token does not move past random features, while the patch tokens under the
+class-attention readout learn from the first hundreds of steps. The class token needs larger
+crops and longer runs (the quick start's 64-px crops and 400 steps), too slow for a test.
 
 Broken updates this must catch, each kept as a cheap test below: a teacher that never follows
 the student (``optim.momentum_teacher 1``: its k-NN stays at the floor) and no centering
