@@ -31,11 +31,16 @@ def test_random_needs_an_architecture(cifar_slice, tmp_path, capsys):
 
 @pytest.mark.parametrize("protocol", sorted(p.name for p in (REPO / "eval").glob("*.yaml")))
 def test_every_protocol_parses_for_its_command(protocol):
-    from ssl_xcit.eval.options import EvaluateOptions, ExportOptions
+    from ssl_xcit.eval.options import EvaluateOptions, ExportOptions, SegmentOptions
     from ssl_xcit.options import parse_options
 
-    for options in (EvaluateOptions, ExportOptions):
-        parsed = parse_options(options, ["--config", str(REPO / "eval" / protocol)], "test", "test").options
+    config = ["--config", str(REPO / "eval" / protocol)]
+    if protocol.endswith("_segment.yaml"):  # a dense protocol: `ssl-xcit segment`
+        parsed = parse_options(SegmentOptions, config, "test", "test").options
+        assert parsed.lrs and parsed.ignore_label >= 0
+        return
+    for options in (EvaluateOptions, ExportOptions):  # a classification protocol: export, knn, linear
+        parsed = parse_options(options, config, "test", "test").options
         assert parsed.resize >= parsed.crop
 
 
