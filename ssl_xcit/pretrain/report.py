@@ -118,7 +118,7 @@ def _twin(ax: Any, curves: Curves, left: str, right: str, title: str) -> None:
 
 
 def draw_report(curves: Curves, k: Optional[int], title: str) -> Any:
-    """The six panels as a matplotlib figure."""
+    """The six panels as a matplotlib figure (the last one also holds the gradient norms, when logged)."""
     plt = pyplot("ssl-xcit report")
     log_k = math.log(k) if k else None
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
@@ -150,8 +150,16 @@ def draw_report(curves: Curves, k: Optional[int], title: str) -> Any:
 
     _twin(lr, curves, "schedule/lr", "schedule/weight_decay", "learning rate and weight decay")
     _twin(teacher, curves, "schedule/momentum_teacher", "schedule/teacher_temp", "teacher momentum and temperature")
-    _plot(center, curves, "collapse/center_norm", "center norm")
-    center.set_title("center norm")
+    _plot(center, curves, "collapse/center_norm", "center norm", color="tab:blue")
+    center.set_ylabel("center norm", color="tab:blue")
+    grads = center.twinx()
+    drawn = _plot(grads, curves, "train/grad_norm", "gradient norm (total, before clipping)", color="tab:orange")
+    drawn |= _plot(grads, curves, "train/grad_norm_max", "largest tensor's gradient norm", color="tab:orange",
+                   linestyle=":")
+    if drawn:
+        grads.set_ylabel("gradient norm", color="tab:orange")
+        grads.legend(fontsize=8, loc="upper right")
+    center.set_title("center norm and gradient norm")
 
     for ax in axes.flat:
         ax.set_xlabel("optimizer step")

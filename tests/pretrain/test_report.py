@@ -14,7 +14,11 @@ from tests.helpers import tiny_pretrain_args
 def test_report_draws_a_real_run(tiny_checkpoint, tmp_path):
     run_dir = tiny_checkpoint.parent.parent
     curves = read_curves(run_dir)
-    assert {"train/loss", "schedule/lr", "collapse/teacher_entropy"} <= set(curves)
+    assert {"train/loss", "schedule/lr", "collapse/teacher_entropy", "train/grad_norm"} <= set(curves)
+    from ssl_xcit.pretrain.report import draw_report
+    figure = draw_report(curves, 64, "run")
+    drawn = {line.get_label() for ax in figure.axes for line in ax.get_lines()}
+    assert {"loss", "gradient norm (total, before clipping)", "center norm"} <= drawn
     out = tmp_path / "report.png"
     assert main(["report", str(run_dir), "--out", str(out)]) == 0
     with Image.open(out) as png:
