@@ -237,7 +237,8 @@ def _cifar10(cache_dir: str, train: bool, option: str) -> Dataset:
         reason = " ".join(str(err).split())
         raise UserError(
             f"{option}: cifar10 could not be downloaded into {root} ({reason}); without network, point {option} "
-            "at a local copy: an ImageFolder folder or a .tar.gz of one (e.g. the CIFAR-10 JPEG archive)"
+            "at a local copy: an ImageFolder folder or a .tar.gz of one (e.g. the CIFAR-10 JPEG archive), and every "
+            "other option set to cifar10 (e.g. monitor.train_path) likewise"
         ) from err
 
 

@@ -222,6 +222,7 @@ def test_offline_cifar10_says_what_to_do_in_one_line(tmp_path, monkeypatch, opti
     assert "\n" not in message and message.startswith(f"{option}: cifar10 could not be downloaded")
     assert "name resolution" in message
     assert f"point {option} at a local copy: an ImageFolder folder or a .tar.gz of one" in message
+    assert "every other option set to cifar10" in message  # the monitor's path needs the same override
 
 
 @pytest.fixture()
