@@ -215,7 +215,7 @@ class SyntheticSource(Dataset):
         return self.size
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        gen = torch.Generator().manual_seed(index)
+        gen = torch.Generator().manual_seed(int(index))  # numpy integers index too (e.g. a Subset's rows)
         image = torch.randint(0, 256, (3, self.resolution, self.resolution), dtype=torch.uint8, generator=gen)
         return image, index % self.num_classes
 

@@ -56,8 +56,9 @@ def monitor_sets(m: MonitorConfig, cache_dir: str) -> tuple[Dataset, Dataset]:
     if len(query_rows) == 0:
         raise UserError(f"monitor.holdout_fraction: {m.holdout_fraction} of each class of the {len(labels)} images "
                         f"of {m.train_path} holds out no image; raise it")
-    return (Subset(train, _random_subset(bank_rows, m.max_train_images)),
-            Subset(train, _random_subset(query_rows, m.max_val_images)))
+    # Python ints: a source may index with them as seeds (numpy's int64 is not one for torch.Generator)
+    return (Subset(train, _random_subset(bank_rows, m.max_train_images).tolist()),
+            Subset(train, _random_subset(query_rows, m.max_val_images).tolist()))
 
 
 def _is_rank_zero() -> bool:

@@ -66,6 +66,16 @@ def test_holdout_is_cut_after_it_is_carved_and_the_test_split_stays_on_request(c
     assert len(bank) == 300 and len(queries) == 100 and all("/test/" in p for p in queries)
 
 
+def test_holdout_sets_of_synthetic_images_can_be_read(tmp_path):
+    """The held-out split indexes its source with plain ints: synthetic images seed their pixels with them."""
+    cfg = monitor_config("synthetic", tmp_path, monitor__holdout_fraction="0.1")
+    bank, queries = monitor_sets(cfg.monitor, cfg.data.cache_dir)
+    assert len(queries) > 0 and len(bank) > len(queries)
+    image, label = queries[0]
+    row = queries.indices[0]
+    assert label == row % 10 and torch.equal(image, monitor_sets(cfg.monitor, cfg.data.cache_dir)[1][0][0])
+
+
 @pytest.mark.parametrize("fraction", ["0", "1.0", "0.01"])  # 0.01 of 30 rounds to no image of any class
 def test_a_holdout_fraction_that_holds_nothing_out_is_refused(cifar_slice, tmp_path, fraction):
     cfg = monitor_config(cifar_slice, tmp_path, monitor__holdout_fraction=fraction)
